@@ -1,0 +1,47 @@
+# gqaru: set-up, the offline demo and the tests. `make demo` and `make test` each set up .venv first.
+#
+# TORCH_SPEC picks the torch build. The default pin matches the CPU build on this project's
+# machines; on a CUDA or Apple machine it installs the normal PyPI build of the same version.
+# A machine that already has the torch it wants: make setup TORCH_SPEC=
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gqaru/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# The demo's files: all under git-ignored dirs.
+DEMO_DATA := data/synth-gqa-ru
+DEMO_MODEL := models/tiny-llava
+DEMO_TRAIN_SHARDS := shards/demo-train
+DEMO_TESTDEV_SHARDS := shards/demo-testdev
+
+.PHONY: setup demo test bench clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 4000 --testdev-questions 1000 --seed 0
+	$(BIN)/gqaru tiny-model --out $(DEMO_MODEL) --preset tiny --seed 0
+	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split train --out $(DEMO_TRAIN_SHARDS) --seed 0
+	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split testdev --out $(DEMO_TESTDEV_SHARDS) --seed 0
+	$(BIN)/gqaru shards inspect $(DEMO_TRAIN_SHARDS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_MODEL) $(DEMO_TRAIN_SHARDS) $(DEMO_TESTDEV_SHARDS) runs/demo runs/demo-eval

@@ -1,0 +1,172 @@
+"""The `gqaru` command: one subcommand per job, each a thin shell over a module function.
+
+Imports of the heavy modules happen inside each handler, so `gqaru --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from gqaru.config import ConfigError, load_config, to_yaml
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(to_yaml(config), end="")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from gqaru.synth import write_synthetic_gqa
+
+    summary = write_synthetic_gqa(
+        args.out,
+        train_questions=args.train_questions,
+        testdev_questions=args.testdev_questions,
+        seed=args.seed,
+    )
+    for split, counts in summary.items():
+        print(f"{split}: {counts['questions']} questions over {counts['images']} images")
+    print(f"wrote {args.out} (read it with datasets.load_dataset('{args.out}', '<split>_balanced_instructions'))")
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from gqaru.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote a tiny LLaVA ({args.preset}) to {out}")
+    return 0
+
+
+def _cmd_shards_build(args: argparse.Namespace) -> int:
+    from gqaru.shards import build_shards
+
+    build_shards(
+        args.source,
+        split=args.split,
+        out_dir=args.out,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        image_size=args.image_size,
+    )
+    return 0
+
+
+def _cmd_shards_inspect(args: argparse.Namespace) -> int:
+    from gqaru.shards import inspect_shards
+
+    return 0 if inspect_shards(args.dir, verify=not args.no_verify) else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gqaru.train import main as train_main
+
+    return train_main([args.config, *args.overrides])
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gqaru.evaluate import main as evaluate_main
+
+    return evaluate_main([args.config, *args.overrides])
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from gqaru.metrics import score_command
+
+    return score_command(args.predictions, against=args.against, out=args.out)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gqaru",
+        description="Fine-tune LLaVA models on GQA-ru with LoRA/QLoRA and evaluate them on testdev.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="print a resolved config, or the error in it")
+    config.add_argument("config", help="a YAML config, e.g. configs/train_lora.yaml")
+    config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    config.set_defaults(handler=_cmd_config)
+
+    synth = commands.add_parser(
+        "synth", help="write a synthetic GQA-ru-format dataset (the offline default)"
+    )
+    synth.add_argument("--out", required=True, help="directory laid out like the deepvk/GQA-ru hub repo")
+    synth.add_argument("--train-questions", type=_positive_int, default=4000)
+    synth.add_argument("--testdev-questions", type=_positive_int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_cmd_synth)
+
+    tiny = commands.add_parser("tiny-model", help="build a tiny LLaVA + tokenizer + processor locally")
+    tiny.add_argument("--out", required=True, help="directory for save_pretrained")
+    tiny.add_argument(
+        "--preset",
+        choices=["tiny", "real-shape"],
+        default="tiny",
+        help="tiny: small and fast (tests, demo); real-shape: the real 336 px / 576-image-token shapes "
+        "with a narrow width (benchmarks)",
+    )
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_tiny_model)
+
+    shards = commands.add_parser("shards", help="build or inspect webdataset shards")
+    shard_commands = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+    build = shard_commands.add_parser("build", help="GQA-ru (hub id or local dir) -> webdataset shards")
+    build.add_argument("--source", required=True, help="hub id (deepvk/GQA-ru) or a local dir in its layout")
+    build.add_argument("--split", required=True, choices=["train", "testdev"])
+    build.add_argument("--out", required=True, help="output dir; an existing one is replaced whole")
+    build.add_argument("--max-samples", type=_positive_int, default=None, help="questions to select (default all)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the question selection")
+    build.add_argument("--samples-per-shard", type=_positive_int, default=256, help="images per shard")
+    build.add_argument(
+        "--image-size", type=_positive_int, default=None, help="resize the shorter side to PX (default: keep)"
+    )
+    build.set_defaults(handler=_cmd_shards_build)
+    inspect = shard_commands.add_parser("inspect", help="summarise a shard dir and verify its checksums")
+    inspect.add_argument("dir")
+    inspect.add_argument("--no-verify", action="store_true", help="skip the sha256 verification")
+    inspect.set_defaults(handler=_cmd_shards_inspect)
+
+    train = commands.add_parser(
+        "train", help="train in one process (multi-process: accelerate launch -m gqaru.train)"
+    )
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate in one process (multi-process: accelerate launch -m gqaru.evaluate)"
+    )
+    evaluate.add_argument("config")
+    evaluate.add_argument("overrides", nargs="*")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    score = commands.add_parser("score", help="metrics from a predictions file; --against for a paired test")
+    score.add_argument("predictions", help="predictions.jsonl (fields id, answer, prediction; types optional)")
+    score.add_argument("--against", default=None, help="another predictions.jsonl to compare with")
+    score.add_argument("--out", default=None, help="write the metrics JSON here")
+    score.set_defaults(handler=_cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

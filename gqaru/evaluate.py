@@ -1,0 +1,555 @@
+"""Sharded, batched evaluation of a LLaVA model on GQA-ru testdev shards.
+
+    accelerate launch --config_file launch/single_gpu.yaml -m gqaru.evaluate configs/eval_testdev.yaml [key=value ...]
+    python -m gqaru.evaluate configs/demo_eval.yaml        # one process, no launcher
+
+What it does, in order:
+  * selects `eval.max_samples` questions (or all) with `gqaru.sources.select_question_ids` over the
+    sorted question ids of `eval.shards`: the same rule and seed as shard building, so the
+    selection depends on nothing but (ids, max_samples, seed) — not on process count or batch size;
+  * deals the images to processes round-robin (`iter_eval_samples`); data never goes through
+    `accelerator.prepare` (it would split it a second time) and the model is not prepared either
+    (nothing is trained: it is loaded straight onto `accelerator.device`);
+  * answers each question greedily (at most `eval.max_new_tokens` new tokens, stopping at
+    `<end_of_turn>` or `<eos>`), `eval.batch_size` questions per `generate` call, batches spanning
+    images, with image-prefix KV reuse (below);
+  * gathers every process's records, checks that each selected question was answered exactly once,
+    and writes into `config.run_dir()`: config.yaml (resolved), predictions.jsonl (sorted by id:
+    id, imageId, question, answer, prediction, correct, types), metrics.json
+    (`gqaru.metrics.compute_metrics` plus a "run" block: processes, batch size, timings) and, with
+    `eval.report`, report.md / report.html / the chart (`gqaru.report.write_report`).
+
+Image-prefix KV reuse. Every prompt of an image starts with the same tokens: `<bos>`,
+`<start_of_turn>user\\n` and the image tokens. That prefix (everything up to and including the last
+image token) runs ONCE per image, vision tower included, with `use_cache=True` and the LM head on
+its last position only. A batch's cache is the per-layer concatenation of its rows' image prefixes;
+each row is laid out as prefix + left padding + question suffix, with attention mask 0 on the
+padding, and `generate(input_ids=<full rows>, attention_mask=..., cache=...)` runs without
+`pixel_values`: generate sees the cache length, feeds only the suffix columns, and derives
+positions as `cumsum(attention_mask) - 1`, so a question's suffix gets positions P, P+1, ... (P =
+prefix length) exactly as in an unpadded prompt, whatever padding sits between. transformers 5.24
+takes the cache as `cache=` (`past_key_values=` is deprecated) and extends it in place, so each
+batch gets a freshly built cache. Answers are identical to one plain `generate` with
+`pixel_values` per question (tests/test_evaluate.py proves it on the tiny model). A text model with
+sliding-window layers cannot take a prefix cache this way; such a model falls back to plain
+batched `generate` with `pixel_values`.
+
+The prediction is the decoded new tokens (special tokens skipped) with surrounding whitespace
+stripped. The headline rule itself does not strip (gqaru.metrics); stripping the generated text is
+the producer's job, as in lmms-eval's task loop, so a trailing newline does not count against a
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase, ProcessorMixin
+
+from gqaru import modeling
+from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
+from gqaru.config import Config, ConfigError, load_config, save_config
+from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
+from gqaru.prompts import END_OF_TURN
+from gqaru.report import error_analysis, write_report
+from gqaru.shards import ShardError, iter_eval_samples, list_question_ids, read_manifest
+from gqaru.sources import select_question_ids
+
+logger = logging.getLogger("gqaru.evaluate")
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot give a trustworthy result: says what went wrong and where."""
+
+
+# --------------------------------------------------------------------------------------------
+# Answering
+
+
+@dataclass
+class ImageEntry:
+    """One image of the stream. `image` is dropped once its prefix is encoded (memory stays flat)."""
+
+    image_id: str
+    image: Image.Image | None
+    prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer (keys, values), each (1, kv_heads, prefix_len, head_dim), once encoded."""
+
+
+@dataclass
+class PendingQuestion:
+    """A question waiting for its answer: its output record so far, its image, its prompt ids."""
+
+    record: dict[str, Any]
+    image: ImageEntry
+    prompt_ids: list[int]
+    """The whole prompt, `<image>` still a single token."""
+
+
+class Answerer:
+    """Greedy answers for batches of questions; the vision tower runs once per image.
+
+    `reuse_image_prefix=True` (the default) runs each image's prefix once and generates from its KV
+    cache (see the module docstring); False runs one plain `generate` with `pixel_values` per batch
+    (the reference path, and the fallback for models whose cache cannot take a prefix).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: ProcessorMixin,
+        *,
+        max_new_tokens: int,
+        reuse_image_prefix: bool = True,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.collator = GenerationCollator(processor)
+        layout = TrainingCollator(processor)
+        self.image_token_id: int = layout.image_token_id
+        self.image_tokens: int = layout.image_tokens
+        self.pad_id: int = layout.pad_id
+        base = modeling.unwrap_model(model)
+        self.model_config = base.config
+        self.device = base.device
+        self.pixel_dtype = base.model.vision_tower.dtype
+        self.generation_config = self._generation_config(base, max_new_tokens)
+        self.reuse_image_prefix = reuse_image_prefix and self._cache_takes_prefix()
+        if reuse_image_prefix and not self.reuse_image_prefix:
+            logger.warning(
+                "the text model has sliding-window layers: image-prefix KV reuse is off, every batch runs the "
+                "vision tower through plain generate"
+            )
+        probe = generation_prompt_ids(self.tokenizer, "?")
+        self.prefix_ids: list[int] = probe[: self._end_of_image(probe)]
+        """The tokens every prompt starts with, `<image>` a single token: bos, user turn, image slot."""
+        self.expanded_prefix_ids: list[int] = []
+        """The same with the image slot expanded to `image_tokens` tokens: what the model sees."""
+        for token in self.prefix_ids:
+            self.expanded_prefix_ids += [token] * self.image_tokens if token == self.image_token_id else [token]
+
+    def _generation_config(self, base: torch.nn.Module, max_new_tokens: int) -> GenerationConfig:
+        """Greedy, at most `max_new_tokens`, stopping at `<end_of_turn>` or any eos the model declares."""
+        stop_ids = {self.tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+        if self.tokenizer.eos_token_id is not None:
+            stop_ids.add(self.tokenizer.eos_token_id)
+        declared = getattr(base.generation_config, "eos_token_id", None)
+        if declared is not None:
+            stop_ids.update([declared] if isinstance(declared, int) else declared)
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=self.pad_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+
+    def _cache_takes_prefix(self) -> bool:
+        """Whether a DynamicCache for this model is all full-attention layers (no sliding windows)."""
+        cache = DynamicCache(config=self.model_config)
+        return not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+
+    def split_prompt(self, prompt_ids: list[int]) -> int:
+        """Where the image prefix of a prompt ends (one past its last `<image>` token).
+
+        Raises:
+            EvaluationError: the prompt has no image slot, or its prefix differs from earlier ones
+                (the chat template would then not give one shared prefix per image).
+        """
+        cut = self._end_of_image(prompt_ids)
+        if prompt_ids[:cut] != self.prefix_ids:
+            raise EvaluationError(f"prompts do not share one image prefix: {prompt_ids[:cut]} != {self.prefix_ids}")
+        return cut
+
+    def _end_of_image(self, prompt_ids: list[int]) -> int:
+        if self.image_token_id not in prompt_ids:
+            raise EvaluationError("the generation prompt has no <image> token: the chat template dropped it")
+        return len(prompt_ids) - prompt_ids[::-1].index(self.image_token_id)
+
+    @torch.no_grad()
+    def encode_prefixes(self, images: Sequence[ImageEntry]) -> None:
+        """Run the shared prefix of `images` (vision tower + prefill) in one forward; store each cache."""
+        prefix = torch.tensor([self.expanded_prefix_ids] * len(images), device=self.device)  # (I, P)
+        pixel_values = self.processor.image_processor(images=[entry.image for entry in images], return_tensors="pt")[
+            "pixel_values"
+        ].to(self.device, self.pixel_dtype)
+        output = self.model(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            pixel_values=pixel_values,
+            use_cache=True,
+            logits_to_keep=1,  # the prefix's logits are never used; skip the LM head over P x vocab
+        )
+        layers = [(keys, values) for keys, values, *_ in output.cache]
+        for index, entry in enumerate(images):
+            entry.prefix_cache = [(keys[index : index + 1], values[index : index + 1]) for keys, values in layers]
+            entry.image = None
+
+    @torch.no_grad()
+    def answer(self, batch: Sequence[PendingQuestion]) -> list[str]:
+        """The predictions of a batch, in its order."""
+        if self.reuse_image_prefix:
+            # Images not encoded yet, each once (an image's questions share one ImageEntry object).
+            new_images = list({id(item.image): item.image for item in batch if item.image.prefix_cache is None}.values())
+            if new_images:
+                self.encode_prefixes(new_images)
+            generated, prompt_length = self._generate_from_prefixes(batch)
+        else:
+            generated, prompt_length = self._generate_plain(batch)
+        texts = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def _generate_from_prefixes(self, batch: Sequence[PendingQuestion]) -> tuple[torch.Tensor, int]:
+        prefix = torch.tensor(self.expanded_prefix_ids)
+        suffixes = [item.prompt_ids[self.split_prompt(item.prompt_ids) :] for item in batch]
+        prefix_length, suffix_length = len(prefix), max(len(suffix) for suffix in suffixes)
+        input_ids = torch.full((len(batch), prefix_length + suffix_length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)  # (B, P + S): prefix, left padding, suffix
+        input_ids[:, :prefix_length] = prefix
+        attention_mask[:, :prefix_length] = 1
+        for row, suffix in enumerate(suffixes):
+            input_ids[row, input_ids.shape[1] - len(suffix) :] = torch.tensor(suffix)
+            attention_mask[row, input_ids.shape[1] - len(suffix) :] = 1
+        layer_count = len(batch[0].image.prefix_cache)
+        cache = DynamicCache(
+            [
+                (
+                    torch.cat([item.image.prefix_cache[layer][0] for item in batch]),
+                    torch.cat([item.image.prefix_cache[layer][1] for item in batch]),
+                )
+                for layer in range(layer_count)
+            ],
+            config=self.model_config,
+        )
+        generated = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            cache=cache,
+            generation_config=self.generation_config,
+        )
+        return generated, input_ids.shape[1]
+
+    def _generate_plain(self, batch: Sequence[PendingQuestion]) -> tuple[torch.Tensor, int]:
+        inputs = self.collator([{"image": item.image.image, "question": item.record["question"]} for item in batch])
+        inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
+        generated = self.model.generate(**inputs, generation_config=self.generation_config)
+        return generated, inputs["input_ids"].shape[1]
+
+
+def pending_questions(
+    samples: Iterable[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[PendingQuestion]:
+    """Shard samples -> one PendingQuestion per question, an image's questions in a row."""
+    for sample in samples:
+        meta = sample["meta"]
+        entry = ImageEntry(image_id=str(meta["imageId"]), image=sample["image"])
+        for qa in meta["qa"]:
+            record = {
+                "id": str(qa["id"]),
+                "imageId": entry.image_id,
+                "question": qa["question"],
+                "answer": qa["answer"],
+                "types": qa.get("types", {}),
+            }
+            yield PendingQuestion(record, entry, generation_prompt_ids(tokenizer, qa["question"]))
+
+
+def batched(items: Iterable[PendingQuestion], batch_size: int) -> Iterator[list[PendingQuestion]]:
+    """Consecutive batches of `batch_size` (the last may be smaller); batches span images."""
+    batch: list[PendingQuestion] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict(
+    answerer: Answerer,
+    samples: Iterable[dict[str, Any]],
+    batch_size: int,
+    progress: tqdm | None = None,
+) -> list[dict[str, Any]]:
+    """Answer every question of `samples`; records carry prediction and correct (headline rule)."""
+    records = []
+    for batch in batched(pending_questions(samples, answerer.tokenizer), batch_size):
+        for item, prediction in zip(batch, answerer.answer(batch)):
+            question = item.record
+            records.append(
+                {
+                    "id": question["id"],
+                    "imageId": question["imageId"],
+                    "question": question["question"],
+                    "answer": question["answer"],
+                    "prediction": prediction,
+                    "correct": exact_match(prediction, question["answer"]),
+                    "types": question["types"],
+                }
+            )
+        if progress is not None:
+            progress.update(len(batch))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class EvaluationResult:
+    """What a run produced (complete on the main process; other ranks get their own share only)."""
+
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any] | None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator with correct rank bookkeeping on CPU too (gloo process group, TRAPS.md).
+
+    The gloo handler is given only under a multi-process launch (WORLD_SIZE > 1): for a plain
+    `python -m gqaru.evaluate` accelerate would otherwise ask torch.distributed for a world size
+    before any process group exists, and fail.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world != accelerator.num_processes or torch.distributed.get_rank() != accelerator.process_index:
+            raise EvaluationError(
+                f"accelerate sees {accelerator.num_processes} process(es) (index {accelerator.process_index}) but "
+                f"torch.distributed has {world} (rank {torch.distributed.get_rank()}): refusing to evaluate with "
+                "inconsistent rank bookkeeping (questions would be answered twice or not at all)"
+            )
+    return accelerator
+
+
+def select_questions(config: Config) -> list[str]:
+    """The evaluated question ids: the seeded selection over every id in the shards."""
+    max_samples = None if config.eval.max_samples == "all" else int(config.eval.max_samples)
+    ids = list_question_ids(config.eval.shards)
+    if not ids:
+        raise ShardError(f"eval.shards={config.eval.shards} holds no questions")
+    return select_question_ids(ids, max_samples, config.eval.seed)
+
+
+def rank_question_count(shards_dir: str, selected: Iterable[str], rank: int, world_size: int) -> int:
+    """How many selected questions `iter_eval_samples` deals to `rank` (json members only; for the bar)."""
+    wanted = frozenset(selected)
+    manifest = read_manifest(shards_dir)
+    paths = [str(Path(shards_dir) / shard["file"]) for shard in manifest["shards"]]
+    if not paths:
+        return 0
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(paths), wds.tarfile_to_samples(select_files=lambda name: name.endswith(".json"))
+    )
+    kept, count = 0, 0
+    for sample in pipeline:
+        questions = sum(1 for qa in json.loads(sample["json"])["qa"] if qa["id"] in wanted)
+        if questions:
+            if kept % world_size == rank:
+                count += questions
+            kept += 1
+    return count
+
+
+def check_complete(records: Sequence[dict[str, Any]], selected: Sequence[str]) -> None:
+    """Each selected question answered exactly once, nothing else.
+
+    Raises:
+        EvaluationError: duplicates, missing or unexpected question ids (with examples).
+    """
+    seen: dict[str, int] = {}
+    for record in records:
+        seen[record["id"]] = seen.get(record["id"], 0) + 1
+    duplicates = sorted(question_id for question_id, count in seen.items() if count > 1)
+    missing = sorted(set(selected) - set(seen))
+    unexpected = sorted(set(seen) - set(selected))
+    if duplicates or missing or unexpected:
+        raise EvaluationError(
+            f"the gathered predictions do not cover the {len(selected)} selected questions exactly once: "
+            f"{len(duplicates)} answered more than once {duplicates[:5]}, {len(missing)} missing {missing[:5]}, "
+            f"{len(unexpected)} not selected {unexpected[:5]} (are the shards the same on every process?)"
+        )
+
+
+def gallery_images(shards_dir: str, records: Sequence[dict[str, Any]]) -> dict[str, Image.Image]:
+    """The images the report's error gallery shows, read again from the shards (a few dozen at most).
+
+    Re-reading them after the run keeps memory flat: no image is held while generating.
+    """
+    wanted = [example["id"] for example in error_analysis(records)["gallery"]]
+    if not wanted:
+        return {}
+    return {sample["key"]: sample["image"] for sample in iter_eval_samples(shards_dir, question_ids=wanted)}
+
+
+def _setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    for noisy in ("transformers", "datasets", "accelerate", "torch.distributed", "pymorphy3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def evaluate(config: Config, *, reuse_image_prefix: bool = True, accelerator: Accelerator | None = None) -> EvaluationResult:
+    """Run one evaluation as configured; every process calls it.
+
+    Raises:
+        ShardError: `eval.shards` is missing or not a shard dir.
+        ModelSetupError: the model cannot run here (e.g. 4-bit off CUDA).
+        EvaluationError: the gathered predictions miss or repeat a selected question.
+    """
+    accelerator = accelerator or make_accelerator()
+    _setup_logging(accelerator)
+    run_dir = config.run_dir()
+    started = time.perf_counter()
+    selected = select_questions(config)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+
+    processor = modeling.load_processor(
+        config.model.name_or_path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+    )
+    model = modeling.load_for_inference(config.model, accelerator.device)
+    answerer = Answerer(
+        model, processor, max_new_tokens=config.eval.max_new_tokens, reuse_image_prefix=reuse_image_prefix
+    )
+    if accelerator.is_main_process:
+        logger.info(
+            "evaluating %s%s on %d questions of %s (max_samples=%s, seed=%d): %d process(es), batch %d, "
+            "%d image tokens per image, image-prefix KV reuse %s",
+            config.model.name_or_path,
+            f" + adapter {config.model.adapter}" if config.model.adapter else "",
+            len(selected),
+            config.eval.shards,
+            config.eval.max_samples,
+            config.eval.seed,
+            world_size,
+            config.eval.batch_size,
+            answerer.image_tokens,
+            "on" if answerer.reuse_image_prefix else "off",
+        )
+
+    samples = iter_eval_samples(config.eval.shards, question_ids=selected, rank=rank, world_size=world_size)
+    progress = tqdm(
+        total=rank_question_count(config.eval.shards, selected, rank, world_size),
+        unit="q",
+        desc=f"evaluate (rank 0 of {world_size})" if world_size > 1 else "evaluate",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    generation_started = time.perf_counter()
+    local_records = predict(answerer, samples, config.eval.batch_size, progress)
+    progress.close()
+    local_seconds = time.perf_counter() - generation_started
+
+    # The last collectives of the run: every rank gets every record and checks them, so a gap
+    # stops all ranks alike; afterwards only the main process works (writing), nobody waits on it.
+    records = gather_object(local_records)
+    seconds_per_rank = gather_object([local_seconds])
+    check_complete(records, selected)
+    if not accelerator.is_main_process:
+        return EvaluationResult(records=local_records, metrics=None)
+
+    records.sort(key=lambda record: record["id"])
+    generation_seconds = max(seconds_per_rank)
+    metrics = compute_metrics(records)
+    metrics["run"] = {
+        "model": config.model.name_or_path,
+        "adapter": config.model.adapter,
+        "shards": config.eval.shards,
+        "max_samples": config.eval.max_samples,
+        "seed": config.eval.seed,
+        "questions": len(records),
+        "processes": world_size,
+        "batch_size": config.eval.batch_size,
+        "max_new_tokens": config.eval.max_new_tokens,
+        "image_prefix_reuse": answerer.reuse_image_prefix,
+        "device": str(accelerator.device),
+        "dtype": str(modeling.unwrap_model(model).dtype).removeprefix("torch."),
+        "generation_seconds": round(generation_seconds, 3),
+        "questions_per_second": round(len(records) / max(generation_seconds, 1e-9), 3),
+    }
+    paths = {
+        "config": run_dir / CONFIG_FILE,
+        "predictions": write_predictions(run_dir / PREDICTIONS_FILE, records),
+    }
+    if config.eval.report:
+        images = gallery_images(config.eval.shards, records)
+        paths.update(write_report(run_dir, records, metrics, images=images))
+    metrics["run"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    paths["metrics"] = write_json(run_dir / METRICS_FILE, metrics)
+    print(summary(metrics, paths), flush=True)
+    return EvaluationResult(records=records, metrics=metrics, paths=paths)
+
+
+def summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
+    """The closing paragraph: headline with interval, n, time, speed, where the files are."""
+    headline, run = metrics["headline"], metrics["run"]
+    low, high = headline["interval"]
+    files = ", ".join(str(path) for name, path in paths.items() if name != "chart")
+    return (
+        f"{headline['label']}: {100 * headline['accuracy']:.2f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
+        f"{headline['correct']}/{headline['n']} questions; lemma match (secondary) "
+        f"{100 * metrics['lemma_match']['accuracy']:.2f}%.\n"
+        f"{run['processes']} process(es), batch {run['batch_size']}, image-prefix KV reuse "
+        f"{'on' if run['image_prefix_reuse'] else 'off'}: generation {run['generation_seconds']:.1f} s, "
+        f"{run['questions_per_second']:.1f} questions/s; total {run['total_seconds']:.1f} s.\n"
+        f"Wrote {files}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        config = load_config(argv[0], argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    accelerator = None
+    try:
+        accelerator = make_accelerator()
+        evaluate(config, accelerator=accelerator)
+    except (ShardError, modeling.ModelSetupError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except EvaluationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()  # closes the process group of a multi-process launch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

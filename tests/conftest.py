@@ -1,0 +1,37 @@
+"""Shared fixtures: the offline default (synthetic GQA-ru + tiny LLaVA), built once per test session.
+
+Everything is built at test time from the package itself: no download, no checked-in binaries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic GQA-ru dataset in the hub repo's layout (both splits)."""
+    from gqaru.synth import write_synthetic_gqa
+
+    out = tmp_path_factory.mktemp("synth") / "gqa-ru"
+    write_synthetic_gqa(out, train_questions=600, testdev_questions=310, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA (preset "tiny"), saved with save_pretrained."""
+    from gqaru.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llava"
+    build_tiny_model(out, preset="tiny", seed=0)
+    return out

@@ -1,0 +1,186 @@
+"""Prompts and collators: answer-only labels, protected image tokens, text that stays text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from gqaru.collate import (
+    IGNORE_INDEX,
+    DropCounter,
+    GenerationCollator,
+    SequencePlanner,
+    TrainingCollator,
+    TrainingSequence,
+)
+from gqaru.prompts import INSTRUCTION, Turn, tokenize_conversation
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: Path):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+def _questions(count: int, prefix: str = "q") -> list[dict]:
+    colours = ["красный", "синий", "зелёный", "жёлтый", "белый"]
+    return [
+        {"id": f"{prefix}{index:03d}", "question": f"Какого цвета объект номер {index}?", "answer": colours[index % 5]}
+        for index in range(count)
+    ]
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (500, 375), (200, 30, 30))
+
+
+def _batch(processor, questions_per_sequence: int, max_seq_len: int, questions: list[dict], drops=None):
+    planner = SequencePlanner(processor.tokenizer, questions_per_sequence, max_seq_len)
+    groups = planner.plan(questions, drops)
+    sequences = [TrainingSequence("img", _image(), group, tokens) for group, tokens in groups]
+    return groups, TrainingCollator(processor)(sequences)
+
+
+def _label_segments(labels: torch.Tensor) -> list[list[int]]:
+    """Runs of consecutive labelled positions in one row."""
+    segments, current = [], []
+    for value in labels.tolist():
+        if value == IGNORE_INDEX:
+            if current:
+                segments.append(current)
+            current = []
+        else:
+            current.append(value)
+    if current:
+        segments.append(current)
+    return segments
+
+
+def test_prompt_matches_the_chat_template(processor) -> None:
+    tokenizer = processor.tokenizer
+    ids = tokenize_conversation(tokenizer, [Turn("Какого цвета круг?")], add_generation_prompt=True).input_ids
+    messages = [{"role": "user", "content": f"<image>\nКакого цвета круг?\n{INSTRUCTION}"}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == expected
+
+
+@pytest.mark.parametrize("questions_per_sequence", [1, 4])
+def test_labels_are_exactly_answers_and_end_of_turn(processor, questions_per_sequence: int) -> None:
+    tokenizer = processor.tokenizer
+    questions = _questions(7)
+    groups, batch = _batch(processor, questions_per_sequence, 512, questions)
+    assert [len(group) for group, _ in groups] == {1: [1] * 7, 4: [4, 3]}[questions_per_sequence]
+    decoded = []
+    for row in range(batch["labels"].shape[0]):
+        decoded += [tokenizer.decode(segment) for segment in _label_segments(batch["labels"][row])]
+    assert decoded == [f"{question['answer']}<end_of_turn>" for question in questions]
+    # Labelled positions carry the input token itself (the model shifts internally).
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
+    # Padding is on the right and never labelled.
+    assert not labelled[batch["attention_mask"] == 0].any()
+    assert batch["questions"] == 7
+
+
+@pytest.mark.parametrize("max_seq_len", [20, 40, 64, 100, 512])
+def test_no_image_token_is_ever_cut(processor, max_seq_len: int) -> None:
+    drops = DropCounter()
+    questions = _questions(9)
+    planner = SequencePlanner(processor.tokenizer, 4, max_seq_len)
+    if not planner.plan(questions):
+        # Nothing fits: every question is dropped, counted, and nothing is collated.
+        planner.plan(questions, drops)
+        assert drops.counts == {"question_too_long": len(questions)}
+        return
+    groups, batch = _batch(processor, 4, max_seq_len, questions, drops)
+    collator = TrainingCollator(processor)
+    image_token_id = collator.image_token_id
+    per_row = (batch["input_ids"] == image_token_id).sum(dim=1)
+    assert per_row.tolist() == [collator.image_tokens] * len(groups)
+    trained = sum(len(group) for group, _ in groups)
+    assert trained + drops.total() == len(questions), "a question was lost silently"
+    for group, tokens in groups:
+        text_tokens = len(tokens.input_ids) - tokens.input_ids.count(image_token_id)
+        assert text_tokens <= max_seq_len
+
+
+def test_overflowing_group_is_split_and_unfittable_question_dropped(processor) -> None:
+    tokenizer = processor.tokenizer
+    planner = SequencePlanner(tokenizer, 8, 512)
+    one = planner.text_length(planner.tokenize(_questions(1)))
+    four = planner.text_length(planner.tokenize(_questions(4)))
+    # A budget that fits two or three questions but not four splits a group of four.
+    budget = (one + four) // 2
+    questions = _questions(4)
+    questions.insert(2, {"id": "long", "question": "очень " * 400 + "длинный вопрос?", "answer": "да"})
+    drops = DropCounter()
+    groups = SequencePlanner(tokenizer, 8, budget).plan(questions, drops)
+    assert len(groups) >= 2
+    assert sorted(q["id"] for group, _ in groups for q in group) == ["q000", "q001", "q002", "q003"]
+    assert drops.counts == {"question_too_long": 1} and drops.examples["question_too_long"] == ["long"]
+
+
+@pytest.mark.parametrize("hostile", ["<image>", "<start_of_turn>", "<end_of_turn>", "<bos>"])
+def test_special_token_text_in_a_question_stays_text(processor, model, hostile: str) -> None:
+    tokenizer = processor.tokenizer
+    question = {"id": "x", "question": f"Что это {hostile} такое {hostile}?", "answer": f"круг{hostile}"}
+    _, batch = _batch(processor, 2, 512, [question, *_questions(1)])
+    special_ids = set(tokenizer.all_special_ids)
+    tokens = tokenize_conversation(tokenizer, [Turn(question["question"], question["answer"])])
+    template_only = tokenize_conversation(tokenizer, [Turn("", "")])
+    # The hostile text adds no special ids beyond the template's own.
+    counts = {token: tokens.input_ids.count(token) for token in special_ids}
+    baseline = {token: template_only.input_ids.count(token) for token in special_ids}
+    assert counts == baseline
+    # And the model trains on it without an image-token mismatch.
+    with torch.no_grad():
+        output = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "labels")})
+    assert torch.isfinite(output.loss)
+
+
+def test_image_tokens_match_the_vision_tower(processor, model) -> None:
+    collator = TrainingCollator(processor)
+    vision = model.config.vision_config
+    assert collator.image_tokens == (vision.image_size // vision.patch_size) ** 2
+    _, batch = _batch(processor, 2, 512, _questions(2))
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"])
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    per_image = features[0].shape[0] if isinstance(features, (list, tuple)) else features.shape[1]
+    assert per_image == collator.image_tokens
+
+
+def test_real_shape_preset_has_576_image_tokens(tmp_path: Path) -> None:
+    from gqaru.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path / "real", preset="real-shape", seed=0)
+    processor = AutoProcessor.from_pretrained(out)
+    collator = TrainingCollator(processor)
+    assert collator.image_tokens == 576
+    _, batch = _batch(processor, 3, 512, _questions(3))
+    assert (batch["input_ids"] == collator.image_token_id).sum().item() == 576
+    assert batch["pixel_values"].shape[-2:] == (336, 336)
+
+
+def test_generation_batch_is_left_padded(processor) -> None:
+    collator = GenerationCollator(processor)
+    items = [
+        {"image": _image(), "question": "Да?"},
+        {"image": _image(), "question": "Какого цвета самый большой объект на этой картинке?"},
+    ]
+    batch = collator(items)
+    mask = batch["attention_mask"]
+    assert mask[:, -1].all(), "every prompt must end in the last column"
+    assert mask[0, 0] == 0 and mask[1].all()
+    tokenizer = processor.tokenizer
+    for row, item in enumerate(items):
+        text = tokenizer.decode(batch["input_ids"][row][mask[row].bool()])
+        assert text.endswith(f"{item['question']}\n{INSTRUCTION}<end_of_turn>\n<start_of_turn>model\n")

@@ -1,0 +1,288 @@
+"""The training loop, end to end on CPU: one process, DDP (gloo) and DeepSpeed ZeRO-2/3 with two
+real processes, exact resume after kill -9, signals, non-finite loss, and the shipped launch configs.
+
+Runs go through subprocesses (`python -m gqaru.train`, `accelerate launch`), as users run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from gqaru.shards import build_shards, list_question_ids
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def small_shards(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~200 questions in few shards: several epochs in seconds (ranks split it by sample)."""
+    out = tmp_path_factory.mktemp("train-shards") / "small"
+    build_shards(str(synth_dir), split="train", out_dir=out, max_samples=200, seed=1, samples_per_shard=8, verbose=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_shards(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole synthetic train split in 2-image shards: ranks split it by shard, unevenly."""
+    out = tmp_path_factory.mktemp("train-shards") / "many"
+    manifest = build_shards(str(synth_dir), split="train", out_dir=out, samples_per_shard=2, verbose=False)
+    assert manifest["counts"]["shards"] % 2 == 1, "an odd shard count makes the two ranks uneven"
+    return out
+
+
+def write_config(tmp_path: Path, model_dir: Path, shards: Path, **sections: dict) -> Path:
+    config = {
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "train_projector": True},
+        "data": {"shards": str(shards), "questions_per_sequence": 4, "shuffle_buffer": 16},
+        "train": {
+            "epochs": 1,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "lr": 1e-3,
+            "warmup_ratio": 0.1,
+            "gradient_checkpointing": False,
+            "save_every": None,
+            "log_every": 1,
+            "seed": 3,
+        },
+        "output": {"dir": str(tmp_path / "runs"), "run_name": "run"},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gqaru/torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def train_command(config: Path, *overrides: str, launch: str | None = None, launch_args: tuple[str, ...] = ()) -> list[str]:
+    if launch is None:
+        return [sys.executable, "-m", "gqaru.train", str(config), *overrides]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "launch" / launch),
+        *launch_args, "-m", "gqaru.train", str(config), *overrides,
+    ]  # fmt: skip
+
+
+def run(command: list[str], env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=env or environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+    )
+    assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def trained_ids(run_dir: Path) -> Counter:
+    lines = (run_dir / "trained_question_ids.tsv").read_text().splitlines()[1:]
+    return Counter(tuple(line.split("\t")) for line in lines)
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], atol: float) -> None:
+    assert first.keys() == second.keys()
+    worst = max((first[key] - second[key]).abs().max().item() for key in first)
+    assert worst <= atol, f"adapters differ by {worst:.3g} (> {atol})"
+
+
+def test_one_process_run_writes_everything_and_learns(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"epochs": 4, "lr": 3e-3})
+    result = run(train_command(config))
+    run_dir = tmp_path / "runs" / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json", "merged/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents*")), "no tensorboard events"
+    assert list((run_dir / "merged").glob("*.safetensors"))
+    assert "trainable parameters" in result.stderr and "steps per epoch" in result.stderr
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    selected = list_question_ids(small_shards)
+    assert summary["questions_trained"] == 4 * len(selected)
+    counts = trained_ids(run_dir)
+    assert all(counts[(str(epoch), question)] == 1 for epoch in range(4) for question in selected)
+
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, f"loss did not go down markedly: {first:.3f} -> {last:.3f}"
+
+    # The adapter loads in stock peft, the merged model in stock transformers (no gqaru import).
+    check = (
+        "import sys, torch\n"
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration\n"
+        "from peft import PeftModel\n"
+        f"base = LlavaForConditionalGeneration.from_pretrained({str(tiny_model_dir)!r})\n"
+        f"adapted = PeftModel.from_pretrained(base, {str(run_dir / 'adapter')!r}).eval()\n"
+        f"merged = LlavaForConditionalGeneration.from_pretrained({str(run_dir / 'merged')!r}).eval()\n"
+        f"processor = AutoProcessor.from_pretrained({str(run_dir / 'merged')!r})\n"
+        "ids = torch.tensor([[processor.tokenizer.bos_token_id, 5, 6, 7]])\n"
+        "with torch.no_grad():\n"
+        "    gap = (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()\n"
+        "assert gap < 1e-4, gap\n"
+        "assert not any(name.startswith('gqaru') for name in sys.modules)\n"
+        "print('ok', gap)\n"
+    )
+    assert run([sys.executable, "-c", check]).stdout.startswith("ok")
+
+
+def test_two_ranks_ddp_and_zero2_train_each_question_once(
+    tmp_path: Path, tiny_model_dir: Path, many_shards: Path
+) -> None:
+    """Uneven shards across 2 ranks: same steps on both, no hang, every question once, and DDP and
+    DeepSpeed ZeRO-2 (same data split, same seeds, fp32) give the same adapter."""
+    selected = list_question_ids(many_shards)
+    adapters = {}
+    for launch, extra_env, launch_args in (
+        ("multi_gpu.yaml", {"ACCELERATE_USE_CPU": "true"}, ("--num_processes", "2", "--mixed_precision", "no")),
+        ("ds_zero2.yaml", {}, ("--num_processes", "2")),
+    ):
+        out = tmp_path / launch.removesuffix(".yaml")
+        out.mkdir()
+        config = write_config(out, tiny_model_dir, many_shards, data={"questions_per_sequence": 8})
+        result = run(train_command(config, launch=launch, launch_args=launch_args), env=environment(**extra_env))
+        run_dir = out / "runs" / "run"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["processes"] == 2, result.stderr[-2000:]
+        assert "x 2 process(es)" in result.stderr
+        counts = trained_ids(run_dir)
+        assert sorted(question for _, question in counts) == selected
+        assert set(counts.values()) == {1}
+        adapters[launch] = adapter_tensors(run_dir)
+    assert_same_tensors(adapters["multi_gpu.yaml"], adapters["ds_zero2.yaml"], atol=1e-5)
+
+
+def test_zero3_trains_and_exports(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 3})
+    run(train_command(config, launch="ds_zero3.yaml", launch_args=("--num_processes", "2")))
+    run_dir = tmp_path / "runs" / "run"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    tensors = adapter_tensors(run_dir)
+    assert tensors and all(tensor.numel() > 0 for tensor in tensors.values()), "ZeRO-3 saved empty partitions"
+    check = (
+        "from transformers import LlavaForConditionalGeneration\n"
+        f"model = LlavaForConditionalGeneration.from_pretrained({str(run_dir / 'merged')!r})\n"
+        "print('ok')\n"
+    )
+    assert run([sys.executable, "-c", check]).stdout.startswith("ok")
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_latest_matches_an_uninterrupted_run(
+    tmp_path: Path, tiny_model_dir: Path, small_shards: Path
+) -> None:
+    options = {"max_steps": 36, "save_every": 4, "keep_last": 2}
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run(train_command(write_config(straight, tiny_model_dir, small_shards, train=options)))
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = write_config(broken, tiny_model_dir, small_shards, train=options)
+    run_dir = broken / "runs" / "run"
+    process = subprocess.Popen(train_command(config), cwd=REPO_ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_for(run_dir / "checkpoints" / "step-000020", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "adapter").exists(), "the run finished before it was killed"
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir() if not path.name.startswith("."))
+    assert len(checkpoints) <= 2, f"keep_last=2 not honoured: {checkpoints}"
+
+    run(train_command(config, "train.resume=latest"))
+    assert_same_tensors(adapter_tensors(straight / "runs" / "run"), adapter_tensors(run_dir), atol=1e-6)
+    # The resumed run also knows what the killed one trained: the id log is whole, and the metrics
+    # have one line per step (the killed run's lines past its checkpoint are dropped).
+    assert trained_ids(straight / "runs" / "run") == trained_ids(run_dir)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 37))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 400})
+    run_dir = tmp_path / "runs" / "run"
+    process = subprocess.Popen(train_command(config), cwd=REPO_ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(run_dir / "metrics.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    checkpoints = list((run_dir / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and "train.resume=latest" in stderr
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 400
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path, small_shards: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from gqaru import modeling, train
+
+    calls = {"count": 0}
+    real_loss = modeling.answer_only_loss
+
+    def loss_that_explodes(model, batch):
+        calls["count"] += 1
+        loss_sum, tokens = real_loss(model, batch)
+        return (loss_sum * float("nan") if calls["count"] > 10 else loss_sum), tokens
+
+    monkeypatch.setattr(train.modeling, "answer_only_loss", loss_that_explodes)
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 20, "save_every": 2})
+    assert train.main([str(config)]) == 1
+    assert "non-finite loss at step" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "run"
+    # grad_accum 2: micro-batch 11 is in step 6; checkpoints at 2 and 4 are good, nothing later.
+    assert sorted(path.name for path in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    assert not (run_dir / "adapter").exists()
+
+
+def test_qlora_off_cuda_fails_at_start_up(tmp_path: Path, tiny_model_dir: Path, small_shards: Path, capsys) -> None:
+    from gqaru import train
+
+    config = write_config(tmp_path, tiny_model_dir, small_shards)
+    assert train.main([str(config), "model.quantization=4bit"]) == 2
+    error = capsys.readouterr().err
+    assert "needs a CUDA GPU" in error and "model.quantization=none" in error
+    assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("launch", ["cpu.yaml", "mps.yaml", "single_gpu.yaml"])
+def test_single_device_launch_configs_run_the_loop(
+    launch: str, tmp_path: Path, tiny_model_dir: Path, small_shards: Path
+) -> None:
+    """The MacBook and one-GPU configs run the same loop (on the CPU here)."""
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 2, "save_merged": False})
+    run(train_command(config, launch=launch))
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 2
