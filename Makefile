@@ -30,12 +30,19 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The offline demo, end to end: a synthetic GQA-ru and a tiny LLaVA built here, shards, the
+# untrained model's score, LoRA training, the trained model's score, and the paired comparison.
 demo: setup
 	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 4000 --testdev-questions 1000 --seed 0
 	$(BIN)/gqaru tiny-model --out $(DEMO_MODEL) --preset tiny --seed 0
 	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split train --out $(DEMO_TRAIN_SHARDS) --seed 0
 	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split testdev --out $(DEMO_TESTDEV_SHARDS) --seed 0
-	$(BIN)/gqaru shards inspect $(DEMO_TRAIN_SHARDS)
+	$(BIN)/accelerate launch --config_file launch/cpu.yaml -m gqaru.evaluate configs/demo_eval.yaml \
+		output.run_name=demo-untrained
+	$(BIN)/accelerate launch --config_file launch/cpu.yaml -m gqaru.train configs/demo_train.yaml
+	$(BIN)/accelerate launch --config_file launch/cpu.yaml -m gqaru.evaluate configs/demo_eval.yaml \
+		model.adapter=runs/demo/adapter output.run_name=demo-trained
+	$(BIN)/gqaru score runs/demo-trained/predictions.jsonl --against runs/demo-untrained/predictions.jsonl
 
 test: setup
 	$(BIN)/python -m pytest
@@ -44,4 +51,4 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_MODEL) $(DEMO_TRAIN_SHARDS) $(DEMO_TESTDEV_SHARDS) runs/demo runs/demo-eval
+	rm -rf $(DEMO_DATA) $(DEMO_MODEL) $(DEMO_TRAIN_SHARDS) $(DEMO_TESTDEV_SHARDS) runs/demo runs/demo-untrained runs/demo-trained

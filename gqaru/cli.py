@@ -45,24 +45,33 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
-    from gqaru.shards import build_shards
+    from gqaru.shards import ShardError, build_shards
+    from gqaru.sources import SourceError
 
-    build_shards(
-        args.source,
-        split=args.split,
-        out_dir=args.out,
-        max_samples=args.max_samples,
-        seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-        image_size=args.image_size,
-    )
+    try:
+        build_shards(
+            args.source,
+            split=args.split,
+            out_dir=args.out,
+            max_samples=args.max_samples,
+            seed=args.seed,
+            samples_per_shard=args.samples_per_shard,
+            image_size=args.image_size,
+        )
+    except (SourceError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_shards_inspect(args: argparse.Namespace) -> int:
-    from gqaru.shards import inspect_shards
+    from gqaru.shards import ShardError, inspect_shards
 
-    return 0 if inspect_shards(args.dir, verify=not args.no_verify) else 1
+    try:
+        return 0 if inspect_shards(args.dir, verify=not args.no_verify) else 1
+    except ShardError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -116,6 +116,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, gt=0)
     """Questions generated together (questions of one image share its encoding)."""
     max_new_tokens: int = Field(16, gt=0)
+    reuse_image_prefix: bool = True
+    """Run each image's prefix (its vision features and KV cache) once for all its questions;
+    off: plain batched generate with pixel_values per question (same answers, slower)."""
     report: bool = True
     """Write report.md / report.html / plots beside the predictions."""
 

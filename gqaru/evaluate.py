@@ -415,8 +415,11 @@ def _setup_logging(accelerator: Accelerator) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def evaluate(config: Config, *, reuse_image_prefix: bool = True, accelerator: Accelerator | None = None) -> EvaluationResult:
-    """Run one evaluation as configured; every process calls it.
+def evaluate(
+    config: Config, *, reuse_image_prefix: bool | None = None, accelerator: Accelerator | None = None
+) -> EvaluationResult:
+    """Run one evaluation as configured; every process calls it. `reuse_image_prefix` overrides
+    `eval.reuse_image_prefix`.
 
     Raises:
         ShardError: `eval.shards` is missing or not a shard dir.
@@ -437,6 +440,8 @@ def evaluate(config: Config, *, reuse_image_prefix: bool = True, accelerator: Ac
         config.model.name_or_path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
     )
     model = modeling.load_for_inference(config.model, accelerator.device)
+    if reuse_image_prefix is None:
+        reuse_image_prefix = config.eval.reuse_image_prefix
     answerer = Answerer(
         model, processor, max_new_tokens=config.eval.max_new_tokens, reuse_image_prefix=reuse_image_prefix
     )

@@ -1,0 +1,227 @@
+"""The benchmark runner: one command, every performance goal measured as a ratio within one run.
+
+    python benchmarks/run.py            # or: make bench      (~6-9 min on 2 shared CPU cores)
+
+Prints a table (each ratio beside its goal, NOT MET said plainly) and writes
+`benchmarks/results.json` (a list of {"id", "measure", "ratio", "goal", "met", "details"}) and
+`benchmarks/results.md` (the same as a Markdown table, for the README). Scratch files (data,
+models, runs) go to `benchmarks/out/` (git-ignored), rebuilt on every run.
+
+| id | what | goal |
+|----|------|------|
+| P1 | training questions/s, gqaru loop vs a seed-style `Trainer`, + held-out accuracy | >= 5x at equal or better accuracy |
+| P2 | evaluation questions/s, `gqaru.evaluate` vs one `generate` per question, + identical answers | >= 10x, >= 99.5% identical |
+| P3 | shard build bytes/s vs a raw tar write of the same JPEG bytes | >= 0.5x |
+| P4 | shard build peak RSS, 10x larger source vs 1x | <= 1.2x |
+| P5 | loader questions/s vs what the P1 training step consumes | >= 10x |
+
+How each is measured is in the docstrings of bench_train.py (P1, P5), bench_eval.py (P2) and
+bench_shards.py (P3, P4). The GPU benchmark (tokens/s, MFU, memory on the full-size model) is
+separate: benchmarks/gpu.py. Numbers from a shared machine move with its load: the details of
+every entry hold the machine, torch threads and load averages at the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_eval
+import bench_shards
+import bench_train
+from common import DEFAULT_THREADS, machine_info
+
+HERE = Path(__file__).resolve().parent
+
+QUICK_SETTINGS = {
+    "train": {"train_questions": 40, "eval_questions": 24, "testdev_questions": 60},
+    "eval": {"questions": 12},
+    "shards_base_questions": 200,
+}
+"""Toy sizes for `--quick` (the smoke test): every code path in a minute, numbers meaningless."""
+
+
+def _format_ratio(entry: dict[str, Any]) -> str:
+    ratio = entry["ratio"]
+    if entry["goal"] is None:
+        return f"{ratio}"
+    return f"{ratio}x"
+
+
+def _met_text(entry: dict[str, Any]) -> str:
+    if entry["met"] is None:
+        return "(info)"
+    return "met" if entry["met"] else "NOT MET"
+
+
+def _why(entry: dict[str, Any]) -> str:
+    """One line on which part of a two-part goal failed."""
+    details = entry["details"]
+    if entry["met"] is not False:
+        return ""
+    parts = [
+        f"{name.removesuffix('_goal_met')} goal missed"
+        for name, value in details.items()
+        if name.endswith("_goal_met") and value is False
+    ]
+    return "; ".join(parts)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The plain-text table printed at the end."""
+    rows = [("id", "ratio", "goal", "result", "measure")]
+    for entry in results:
+        rows.append((entry["id"], _format_ratio(entry), entry["goal"] or "-", _met_text(entry), entry["measure"]))
+    widths = [max(len(str(row[column])) for row in rows) for column in range(4)]
+    lines = []
+    for row in rows:
+        cells = [str(row[column]).ljust(widths[column]) for column in range(4)]
+        lines.append("  ".join(cells) + "  " + row[4])
+    return "\n".join(lines)
+
+
+def _p1_line(entry: dict[str, Any]) -> str:
+    details = entry["details"]
+    accuracy = details["accuracy"]
+    seed, ours = details["seed_style"], details["gqaru"]
+    paired = details["paired_gqaru_minus_seed_style"]
+    return (
+        f"P1: {ours['questions_per_s']} vs {seed['questions_per_s']} questions/s ({ours['questions']} questions; "
+        f"CPU-time ratio {details['ratio_cpu_time']}x); held-out accuracy gqaru {100 * accuracy['gqaru']:.1f}% vs "
+        f"seed-style {100 * accuracy['seed-style']:.1f}% (difference {100 * paired['b_minus_a']:+.1f} points, 95% CI "
+        f"{100 * paired['interval_95'][0]:+.1f} to {100 * paired['interval_95'][1]:+.1f}); always answering "
+        f"\"{details['majority_answer_baseline']['answer']}\" scores {100 * details['majority_answer_baseline']['accuracy']:.1f}%; "
+        f"gqaru at the baseline's unscaled lr: {100 * accuracy['gqaru-same-lr']:.1f}%"
+    )
+
+
+def _p2_line(entry: dict[str, Any]) -> str:
+    details = entry["details"]
+    trained, noisy = details["trained"], details["noisy"]
+    return (
+        f"P2: trained model {trained['gqaru']['questions_per_s']} vs {trained['loop']['questions_per_s']} questions/s, "
+        f"{trained['identical']}/{trained['questions']} identical; noisy model (answers vary: "
+        f"{noisy['distinct_predictions']} distinct) {noisy['ratio']}x, {noisy['identical']}/{noisy['questions']} identical"
+    )
+
+
+def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """results.md: the table plus the few numbers behind P1 and P2, and where they were measured."""
+    lines = ["| id | measure | ratio | goal | result |", "|---|---|---:|---|---|"]
+    for entry in results:
+        result = _met_text(entry)
+        why = _why(entry)
+        lines.append(
+            f"| {entry['id']} | {entry['measure']} | {_format_ratio(entry)} | {entry['goal'] or '-'} | "
+            f"{'**' + result + '**' if result == 'NOT MET' else result}{' (' + why + ')' if why else ''} |"
+        )
+    lines.append("")
+    by_id = {entry["id"]: entry for entry in results}
+    if "P1" in by_id:
+        lines.append(f"- {_p1_line(by_id['P1'])}")
+    if "P2" in by_id:
+        lines.append(f"- {_p2_line(by_id['P2'])}")
+    machine = summary["machine"]
+    lines.append(
+        f"- Measured {summary['finished']} on {machine['cpu']} ({machine['cores']} cores, shared), torch "
+        f"{machine['torch']} with {summary['threads']} thread(s), transformers {machine['transformers']}; load average "
+        f"{summary['loadavg_start']} at the start, {machine['loadavg_1_5_15']} at the end; whole run "
+        f"{summary['total_seconds']:.0f} s ({', '.join(f'{name} {seconds:.0f} s' for name, seconds in summary['part_seconds'].items())})."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every benchmark in order (shards, training, evaluation); returns the entries and a run summary."""
+    started = time.perf_counter()
+    load_start = machine_info()["loadavg_1_5_15"]
+    part_seconds: dict[str, float] = {}
+    results: list[dict[str, Any]] = []
+
+    part = time.perf_counter()
+    if quick:
+        bench_shards.BASE_QUESTIONS = QUICK_SETTINGS["shards_base_questions"]
+    results += bench_shards.run(workdir / "shards")
+    part_seconds["shards (P3, P4)"] = time.perf_counter() - part
+    print(f"shards done in {part_seconds['shards (P3, P4)']:.0f} s", flush=True)
+
+    part = time.perf_counter()
+    train_overrides = {**(QUICK_SETTINGS["train"] if quick else {}), "threads": threads}
+    training, artefacts = bench_train.run(workdir / "train", **train_overrides)
+    results += training
+    part_seconds["training (P1, P5)"] = time.perf_counter() - part
+    print(f"training done in {part_seconds['training (P1, P5)']:.0f} s", flush=True)
+
+    part = time.perf_counter()
+    eval_overrides = {**(QUICK_SETTINGS["eval"] if quick else {}), "threads": threads}
+    results += bench_eval.run(
+        workdir / "eval",
+        base_model=artefacts["paths"]["model"],
+        trained_model=artefacts["gqaru_merged"],
+        shards=artefacts["paths"]["testdev_shards"],
+        **eval_overrides,
+    )
+    part_seconds["evaluation (P2)"] = time.perf_counter() - part
+    print(f"evaluation done in {part_seconds['evaluation (P2)']:.0f} s", flush=True)
+
+    order = {"P1": 0, "P2": 1, "P3": 2, "P4": 3, "P5": 4}
+    results.sort(key=lambda entry: order.get(entry["id"], len(order)))
+    summary = {
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "part_seconds": {name: round(seconds, 1) for name, seconds in part_seconds.items()},
+        "loadavg_start": load_start,
+        "threads": threads,
+        "quick": quick,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+    }
+    for entry in results:
+        entry["details"].setdefault("machine", summary["machine"])
+    return results, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(HERE / "out"), help="scratch dir, emptied first (default benchmarks/out)")
+    parser.add_argument("--results", default=str(HERE / "results.json"), help="where results.json goes (results.md beside it)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads of every measured process")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code paths, numbers mean nothing")
+    args = parser.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    results, summary = run_all(workdir, quick=args.quick, threads=args.threads)
+
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    results_path.with_suffix(".md").write_text(markdown(results, summary), encoding="utf-8")
+
+    print()
+    print(table(results))
+    by_id = {entry["id"]: entry for entry in results}
+    if "P1" in by_id:
+        print(_p1_line(by_id["P1"]))
+    if "P2" in by_id:
+        print(_p2_line(by_id["P2"]))
+    missed = [entry for entry in results if entry["met"] is False]
+    for entry in missed:
+        print(f"NOT MET: {entry['id']} ({entry['goal']}): ratio {entry['ratio']}; {_why(entry) or 'see details'}")
+    print(
+        f"total {summary['total_seconds']:.0f} s "
+        f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in summary['part_seconds'].items())}); "
+        f"load average {summary['loadavg_start']} -> {summary['machine']['loadavg_1_5_15']}; "
+        f"wrote {results_path} and {results_path.with_suffix('.md')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
