@@ -40,14 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_THREADS, run_script_phase, set_threads, write_phase_result
+from bench_common import DEFAULT_THREADS, run_script_phase, set_threads, write_phase_result
 
 SELECTION_SEED = 7
 NOISE_STD = 0.3
 NOISE_SEED = 1
 
 DEFAULTS: dict[str, Any] = {
-    "questions": 300,
+    "questions": 400,
     "batch_size": 16,
     "max_new_tokens": 16,
     "threads": DEFAULT_THREADS,
@@ -142,7 +142,9 @@ def answer_per_question(model_dir: str, shards: str, settings: dict[str, Any], r
             predictions[qa["id"]] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - started
     if sorted(predictions) != selected:
-        raise RuntimeError(f"the per-question loop answered {len(predictions)} questions, {len(selected)} were selected")
+        raise RuntimeError(
+            f"the per-question loop answered {len(predictions)} questions, {len(selected)} were selected"
+        )
     return {
         "questions": len(predictions),
         "images": images,
@@ -225,7 +227,10 @@ def run(workdir: Path, *, base_model: str, trained_model: str, shards: str, **ov
                 "identity_goal_met": identical >= 0.995,
                 "identical_share_min": identical,
                 "settings": settings,
-                "models": {"trained": trained_model, "noisy": f"{base_model} + N(0, {NOISE_STD}) noise, seed {NOISE_SEED}"},
+                "models": {
+                    "trained": trained_model,
+                    "noisy": f"{base_model} + N(0, {NOISE_STD}) noise, seed {NOISE_SEED}",
+                },
                 **results,
                 "machine": results["trained"]["gqaru"]["machine"],
             },
@@ -254,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (trained / "config.json").is_file():
         bench_train.run_phase_in_fresh_process("gqaru-train", workdir / "data", training_settings)
     overrides = {"questions": args.questions} if args.questions else {}
-    results = run(workdir, base_model=paths["model"], trained_model=str(trained), shards=paths["testdev_shards"], **overrides)
+    results = run(
+        workdir, base_model=paths["model"], trained_model=str(trained), shards=paths["testdev_shards"], **overrides
+    )
     print(json.dumps(results, indent=2, ensure_ascii=False))
     return 0
 

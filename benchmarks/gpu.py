@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, run_script_phase, write_phase_result
+from bench_common import machine_info, run_script_phase, write_phase_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,11 +87,18 @@ def model_dimensions(model_dir: str) -> dict[str, int]:
     }
 
 
-def parameter_counts(dims: dict[str, int], lora_r: int, lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict[str, int]:
+def parameter_counts(
+    dims: dict[str, int], lora_r: int, lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+) -> dict[str, int]:
     """Linear weights of each part (biases ignored: they are O(N/width))."""
     hidden, attention = dims["hidden"], dims["heads"] * dims["head_dim"]
     kv = dims["kv_heads"] * dims["head_dim"]
-    shapes = {"q_proj": (hidden, attention), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (attention, hidden)}
+    shapes = {
+        "q_proj": (hidden, attention),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (attention, hidden),
+    }
     per_layer = sum(a * b for a, b in shapes.values()) + 3 * hidden * dims["intermediate"]
     width = dims["vision_width"]
     vision = dims["vision_layers"] * (4 * width * width + 2 * width * dims["vision_intermediate"])
@@ -225,6 +232,7 @@ def run_cell(settings: dict[str, Any], cell: dict[str, Any], workdir: Path) -> d
     seconds = sum(step["seconds"] for step in measured)
     tokens = sum(step["tokens"] for step in measured)
     flops = sum(step["flops"] for step in measured)
+    padding = sum(step["padding"] for step in measured)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device_name, settings.get("peak_tflops")) if cuda else None
     result = {
@@ -236,7 +244,7 @@ def run_cell(settings: dict[str, Any], cell: dict[str, Any], workdir: Path) -> d
         "tokens_per_step": round(tokens / len(measured), 1),
         "tokens_per_s": round(tokens / seconds, 1),
         "questions_per_s": round(sum(step["questions"] for step in measured) / seconds, 2),
-        "padding_pct": round(100 * sum(step["padding"] for step in measured) / max(tokens + sum(step["padding"] for step in measured), 1), 1),
+        "padding_pct": round(100 * padding / max(tokens + padding, 1), 1),
         "loop_tokens_per_s": round(sum(step["tokens"] for step in steps) / loop_seconds, 1),
         "model_tflops_per_step": round(flops / len(measured) / 1e12, 3),
         "achieved_tflops": round(flops / seconds / 1e12, 2),
@@ -322,16 +330,24 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE / "gpu_results.json"), help="results JSON (a .md table is written beside it)")
-    parser.add_argument("--workdir", default=str(HERE / "out" / "gpu"), help="model, shards and runs (git-ignored default)")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 2 measured steps, CPU allowed: checks the code paths")
+    parser.add_argument(
+        "--out", default=str(HERE / "gpu_results.json"), help="results JSON (a .md table is written beside it)"
+    )
+    parser.add_argument(
+        "--workdir", default=str(HERE / "out" / "gpu"), help="model, shards and runs (git-ignored default)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny preset, 2 measured steps, CPU allowed: checks the code paths"
+    )
     parser.add_argument("--modes", nargs="+", choices=("lora", "qlora"), default=["lora", "qlora"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps per cell")
     parser.add_argument("--warmup-steps", type=int, default=3, help="unmeasured steps first (allocator, kernels)")
     parser.add_argument("--questions-per-sequence", type=int, default=8)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table"
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)

@@ -7,13 +7,13 @@ Prints a table (each ratio beside its goal, NOT MET said plainly) and writes
 `benchmarks/results.md` (the same as a Markdown table, for the README). Scratch files (data,
 models, runs) go to `benchmarks/out/` (git-ignored), rebuilt on every run.
 
-| id | what | goal |
-|----|------|------|
-| P1 | training questions/s, gqaru loop vs a seed-style `Trainer`, + held-out accuracy | >= 5x at equal or better accuracy |
-| P2 | evaluation questions/s, `gqaru.evaluate` vs one `generate` per question, + identical answers | >= 10x, >= 99.5% identical |
-| P3 | shard build bytes/s vs a raw tar write of the same JPEG bytes | >= 0.5x |
-| P4 | shard build peak RSS, 10x larger source vs 1x | <= 1.2x |
-| P5 | loader questions/s vs what the P1 training step consumes | >= 10x |
+- P1: training questions/s, gqaru's loop vs a seed-style `Trainer`, and held-out accuracy;
+  goal >= 5x at equal or better accuracy.
+- P2: evaluation questions/s, `gqaru.evaluate` vs one `generate` per question, and the share of
+  identical answers; goal >= 10x, >= 99.5% identical.
+- P3: shard build bytes/s vs a raw tar write of the same JPEG bytes; goal >= 0.5x.
+- P4: shard build peak RSS, 10x larger source vs 1x; goal <= 1.2x.
+- P5: loader questions/s vs what the P1 training step consumes; goal >= 10x.
 
 How each is measured is in the docstrings of bench_train.py (P1, P5), bench_eval.py (P2) and
 bench_shards.py (P3, P4). The GPU benchmark (tokens/s, MFU, memory on the full-size model) is
@@ -34,7 +34,7 @@ from typing import Any
 import bench_eval
 import bench_shards
 import bench_train
-from common import DEFAULT_THREADS, machine_info
+from bench_common import DEFAULT_THREADS, machine_info
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,12 +90,13 @@ def _p1_line(entry: dict[str, Any]) -> str:
     accuracy = details["accuracy"]
     seed, ours = details["seed_style"], details["gqaru"]
     paired = details["paired_gqaru_minus_seed_style"]
+    majority = details["majority_answer_baseline"]
     return (
         f"P1: {ours['questions_per_s']} vs {seed['questions_per_s']} questions/s ({ours['questions']} questions; "
         f"CPU-time ratio {details['ratio_cpu_time']}x); held-out accuracy gqaru {100 * accuracy['gqaru']:.1f}% vs "
         f"seed-style {100 * accuracy['seed-style']:.1f}% (difference {100 * paired['b_minus_a']:+.1f} points, 95% CI "
         f"{100 * paired['interval_95'][0]:+.1f} to {100 * paired['interval_95'][1]:+.1f}); always answering "
-        f"\"{details['majority_answer_baseline']['answer']}\" scores {100 * details['majority_answer_baseline']['accuracy']:.1f}%; "
+        f"\"{majority['answer']}\" scores {100 * majority['accuracy']:.1f}%; "
         f"gqaru at the baseline's unscaled lr: {100 * accuracy['gqaru-same-lr']:.1f}%"
     )
 
@@ -106,8 +107,13 @@ def _p2_line(entry: dict[str, Any]) -> str:
     return (
         f"P2: trained model {trained['gqaru']['questions_per_s']} vs {trained['loop']['questions_per_s']} questions/s, "
         f"{trained['identical']}/{trained['questions']} identical; noisy model (answers vary: "
-        f"{noisy['distinct_predictions']} distinct) {noisy['ratio']}x, {noisy['identical']}/{noisy['questions']} identical"
+        f"{noisy['distinct_predictions']} distinct) {noisy['ratio']}x, "
+        f"{noisy['identical']}/{noisy['questions']} identical"
     )
+
+
+def _parts(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["part_seconds"].items())
 
 
 def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -131,7 +137,7 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"- Measured {summary['finished']} on {machine['cpu']} ({machine['cores']} cores, shared), torch "
         f"{machine['torch']} with {summary['threads']} thread(s), transformers {machine['transformers']}; load average "
         f"{summary['loadavg_start']} at the start, {machine['loadavg_1_5_15']} at the end; whole run "
-        f"{summary['total_seconds']:.0f} s ({', '.join(f'{name} {seconds:.0f} s' for name, seconds in summary['part_seconds'].items())})."
+        f"{summary['total_seconds']:.0f} s ({_parts(summary)})."
     )
     return "\n".join(lines) + "\n"
 
@@ -187,8 +193,12 @@ def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=str(HERE / "out"), help="scratch dir, emptied first (default benchmarks/out)")
-    parser.add_argument("--results", default=str(HERE / "results.json"), help="where results.json goes (results.md beside it)")
+    parser.add_argument(
+        "--workdir", default=str(HERE / "out"), help="scratch dir, emptied first (default benchmarks/out)"
+    )
+    parser.add_argument(
+        "--results", default=str(HERE / "results.json"), help="where results.json goes (results.md beside it)"
+    )
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads of every measured process")
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code paths, numbers mean nothing")
     args = parser.parse_args(argv)
@@ -215,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in missed:
         print(f"NOT MET: {entry['id']} ({entry['goal']}): ratio {entry['ratio']}; {_why(entry) or 'see details'}")
     print(
-        f"total {summary['total_seconds']:.0f} s "
-        f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in summary['part_seconds'].items())}); "
+        f"total {summary['total_seconds']:.0f} s ({_parts(summary)}); "
         f"load average {summary['loadavg_start']} -> {summary['machine']['loadavg_1_5_15']}; "
         f"wrote {results_path} and {results_path.with_suffix('.md')}"
     )

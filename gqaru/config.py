@@ -259,6 +259,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(_describe(error, origins, origin)) from None
 
 
+def config_from_command_line(argv: list[str], usage: str) -> Config | int:
+    """`CONFIG.yaml [key=value ...]` of a stage's `main`: the config, or an exit code after
+    printing the usage (-h) or the error."""
+    import sys
+
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage)
+        return 0 if argv else 2
+    try:
+        return load_config(argv[0], argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json")
 

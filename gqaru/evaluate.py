@@ -42,7 +42,6 @@ model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -53,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 from PIL import Image
@@ -62,11 +60,11 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
 
 from gqaru import modeling
 from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
-from gqaru.config import Config, ConfigError, load_config, save_config
+from gqaru.config import Config, config_from_command_line, save_config
 from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
 from gqaru.prompts import END_OF_TURN
 from gqaru.report import error_analysis, write_report
-from gqaru.shards import ShardError, iter_eval_samples, list_question_ids, read_manifest
+from gqaru.shards import ShardError, iter_eval_metas, iter_eval_samples, list_question_ids
 from gqaru.sources import select_question_ids
 
 logger = logging.getLogger("gqaru.evaluate")
@@ -359,22 +357,8 @@ def select_questions(config: Config) -> list[str]:
 
 def rank_question_count(shards_dir: str, selected: Iterable[str], rank: int, world_size: int) -> int:
     """How many selected questions `iter_eval_samples` deals to `rank` (json members only; for the bar)."""
-    wanted = frozenset(selected)
-    manifest = read_manifest(shards_dir)
-    paths = [str(Path(shards_dir) / shard["file"]) for shard in manifest["shards"]]
-    if not paths:
-        return 0
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(paths), wds.tarfile_to_samples(select_files=lambda name: name.endswith(".json"))
-    )
-    kept, count = 0, 0
-    for sample in pipeline:
-        questions = sum(1 for qa in json.loads(sample["json"])["qa"] if qa["id"] in wanted)
-        if questions:
-            if kept % world_size == rank:
-                count += questions
-            kept += 1
-    return count
+    metas = iter_eval_metas(shards_dir, question_ids=selected, rank=rank, world_size=world_size)
+    return sum(len(meta["qa"]) for meta in metas)
 
 
 def check_complete(records: Sequence[dict[str, Any]], selected: Sequence[str]) -> None:
@@ -531,15 +515,9 @@ def summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(__doc__)
-        return 0 if argv else 2
-    try:
-        config = load_config(argv[0], argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_command_line(sys.argv[1:] if argv is None else argv, __doc__)
+    if isinstance(config, int):
+        return config
     accelerator = None
     try:
         accelerator = make_accelerator()

@@ -781,6 +781,27 @@ def iter_eval_samples(
     return iter(pipeline)
 
 
+def iter_eval_metas(
+    shards_dir: str | os.PathLike[str],
+    *,
+    question_ids: Iterable[str] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """The `meta` of every sample `iter_eval_samples` gives `rank`, reading only the json members
+    (same filtering, same round-robin): how much work a rank has, without decoding an image."""
+    _check_slot(rank, world_size, 0)
+    directory = Path(shards_dir)
+    paths = _shard_paths(directory, read_manifest(directory))
+    wanted = None if question_ids is None else frozenset(question_ids)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(paths),
+        wds.tarfile_to_samples(select_files=lambda name: name.endswith(".json")),
+        _EvalSelect(wanted, rank, world_size),
+    )
+    return (sample["__meta__"] for sample in (pipeline if paths else ()))
+
+
 def list_question_ids(shards_dir: str | os.PathLike[str]) -> list[str]:
     """Every question id in a shard dir, sorted (reads only the json members).
 

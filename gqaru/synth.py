@@ -47,6 +47,8 @@ __all__ = [
     "training_corpus",
     "generate_split",
     "draw_scene",
+    "describe_scene",
+    "captioned_scenes",
     "SyntheticImage",
     "write_synthetic_gqa",
 ]
@@ -188,24 +190,29 @@ def _random_scene(rng: random.Random, first_object_number: int, min_objects: int
 
     Distinct shapes and colours make every reference («круг», «красная фигура») unambiguous.
     The grid keeps objects apart, so «слева от», «над» and «больше» have one clear truth.
+    The grid covers the central square of the image only: LLaVA's CLIP processor resizes the short
+    side and center-crops a square, so anything outside it never reaches the model, and a question
+    about it would be unanswerable from what the model sees.
     """
     width, height = rng.choice(IMAGE_SIZES)
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
     columns, rows = (3, 2) if width >= height else (2, 3)
     count = rng.randint(min_objects, 5)
     cells = rng.sample([(c, r) for c in range(columns) for r in range(rows)], count)
     shapes = rng.sample(SHAPES, count)
     colors = rng.sample(COLORS, count)
     background, background_rgb = rng.choice(BACKGROUNDS)
-    cell_w, cell_h = width / columns, height / rows
+    cell_w, cell_h = side / columns, side / rows
     cell_min = min(cell_w, cell_h)
     objects = []
     for index, ((column, row), shape, (color, rgb)) in enumerate(zip(cells, shapes, colors)):
         size = rng.choice(SIZES)
-        radius = cell_min * (0.42 if size.key == "large" else 0.25)
+        radius = cell_min * (0.46 if size.key == "large" else 0.28)
         slack_x, slack_y = max(0.0, cell_w / 2 - radius), max(0.0, cell_h / 2 - radius)
         center = (
-            (column + 0.5) * cell_w + rng.uniform(-0.3, 0.3) * slack_x,
-            (row + 0.5) * cell_h + rng.uniform(-0.3, 0.3) * slack_y,
+            left + (column + 0.5) * cell_w + rng.uniform(-0.3, 0.3) * slack_x,
+            top + (row + 0.5) * cell_h + rng.uniform(-0.3, 0.3) * slack_y,
         )
         objects.append(
             SceneObject(str(first_object_number + index), shape, color, rgb, size, column, row, center, radius)
@@ -1095,6 +1102,41 @@ def generate_split(split: str, questions: int, seed: int = 0) -> list[SyntheticI
         if image.rows:
             images.append(image)
     return images
+
+
+# --------------------------------------------------------------------------------------------
+# Captions: a different task on fresh scenes, for the tiny model's pretraining stage
+# --------------------------------------------------------------------------------------------
+
+_COLUMN_WORDS = {2: ("слева", "справа"), 3: ("слева", "посередине", "справа")}
+_ROW_WORDS = {2: ("вверху", "внизу"), 3: ("вверху", "посередине", "внизу")}
+
+
+def describe_scene(scene: Scene) -> str:
+    """A Russian caption naming every object with its size, colour and place, in reading order.
+
+    «Фон серый. Три фигуры: большой красный круг слева вверху, маленькая синяя звезда …».
+    A description, not a question and answer: the tiny model is pretrained on captions so that it
+    knows the scenes' words and sees its images, and must still learn the short-answer task.
+    """
+    parts = []
+    for obj in sorted(scene.objects, key=lambda obj: (obj.row, obj.column)):
+        gender = obj.shape.gender
+        place = f"{_COLUMN_WORDS[scene.columns][obj.column]} {_ROW_WORDS[scene.rows][obj.row]}"
+        parts.append(f"{obj.size.nom[gender]} {obj.color.nom[gender]} {obj.shape.nom} {place}")
+    numeral, noun = COUNT_WORDS[len(scene.objects)]
+    return f"Фон {scene.background.nom['m']}. {_cap(numeral)} {noun}: {', '.join(parts)}."
+
+
+def captioned_scenes(count: int, seed: int = 0) -> list[tuple[bytes, str]]:
+    """`count` fresh scenes as (JPEG bytes, caption): the same seed gives the same list.
+
+    Drawn from their own random stream (not the train or testdev one), so pretraining on them never
+    shows the model an image of either split.
+    """
+    rng = random.Random(_split_seed(seed, "pretrain-captions"))
+    scenes = [_random_scene(rng, first_object_number=0, min_objects=2) for _ in range(count)]
+    return [(draw_scene(scene), describe_scene(scene)) for scene in scenes]
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from transformers import get_scheduler
 
 from gqaru import modeling
 from gqaru.collate import DropCounter, EncodedSequence, SequencePlanner, TrainingCollator
-from gqaru.config import Config, ConfigError, load_config, save_config
-from gqaru.shards import rank_sample_metas, read_manifest, training_pipeline
+from gqaru.config import Config, ConfigError, config_from_command_line, save_config
+from gqaru.shards import rank_sample_metas, training_pipeline
 
 logger = logging.getLogger("gqaru.train")
 
@@ -617,15 +617,9 @@ def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(__doc__)
-        return 0 if argv else 2
-    try:
-        config = load_config(argv[0], argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_command_line(sys.argv[1:] if argv is None else argv, __doc__)
+    if isinstance(config, int):
+        return config
     run = TrainingRun(config)
     try:
         run.setup()

@@ -184,3 +184,24 @@ def test_generation_batch_is_left_padded(processor) -> None:
     for row, item in enumerate(items):
         text = tokenizer.decode(batch["input_ids"][row][mask[row].bool()])
         assert text.endswith(f"{item['question']}\n{INSTRUCTION}<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_overfitting_a_few_batches_drives_the_loss_down(tiny_model_dir: Path, processor) -> None:
+    """Collator + answer-only loss + LoRA: two fixed batches are memorised within 60 steps."""
+    from gqaru.config import LoraConfig
+    from gqaru.modeling import answer_only_loss, apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), LoraConfig(dropout=0.0, train_projector=True))
+    model.train()
+    batches = [_batch(processor, 4, 512, _questions(6, prefix=f"b{index}"))[1] for index in range(2)]
+    inputs = [{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "labels")} for batch in batches]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for step in range(60):
+        loss_sum, tokens = answer_only_loss(model, inputs[step % 2])
+        (loss_sum / tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((loss_sum / tokens).item())
+    assert losses[-1] < 0.1 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"

@@ -83,11 +83,16 @@ def run_script_phase(
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as stream:
         completed = subprocess.run(
-            command, stdout=stream, stderr=subprocess.STDOUT, env=child_environment(settings.get("threads", DEFAULT_THREADS))
+            command,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            env=child_environment(settings.get("threads", DEFAULT_THREADS)),
         )
     if completed.returncode != 0 or not result_file.is_file():
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"benchmark phase {phase} of {script.name} failed (exit {completed.returncode}); end of {log}:\n{tail}")
+        raise RuntimeError(
+            f"benchmark phase {phase} of {script.name} failed (exit {completed.returncode}); end of {log}:\n{tail}"
+        )
     result = json.loads(result_file.read_text(encoding="utf-8"))
     result["process_seconds"] = round(time.perf_counter() - started, 1)
     return result

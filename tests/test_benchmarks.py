@@ -1,0 +1,142 @@
+"""The benchmarks stay runnable and compare like with like (no timings are asserted here).
+
+- the seed-style baseline trains on exactly the tokens gqaru trains on (only its labels reach one
+  token further, the newline the chat template puts after `<end_of_turn>`), so P1 compares loops,
+  not data;
+- gpu.py's FLOPs formula counts the weights the model really has, and it refuses to run off CUDA
+  with a message instead of a traceback;
+- the runner's table says NOT MET plainly;
+- `benchmarks/run.py --quick` runs every benchmark's code path at toy size and writes results in
+  the shared format (slow: ~1-2 min, a dozen fresh processes).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_train  # noqa: E402
+import gpu  # noqa: E402
+import run as runner  # noqa: E402
+
+RESULT_KEYS = {"id", "measure", "ratio", "goal", "met", "details"}
+
+
+def test_seed_style_collator_trains_the_same_tokens_as_gqaru(tiny_model_dir: Path) -> None:
+    from PIL import Image
+
+    from gqaru.collate import SequencePlanner, TrainingCollator, TrainingSequence
+    from gqaru.modeling import image_tokens_per_image, load_processor
+
+    processor = load_processor(tiny_model_dir)
+    image = Image.new("RGB", (80, 60), "red")
+    question = {"id": "q1", "question": "Какого цвета круг?", "answer": "красного"}
+    planner = SequencePlanner(processor.tokenizer, questions_per_sequence=1, max_seq_len=512)
+    ours = TrainingCollator(processor)([TrainingSequence("img", image, (question,), planner.tokenize([question]))])
+    seed_style = bench_train.SeedStyleCollator(processor, image_tokens_per_image(processor))(
+        [{"image": image, "question": question["question"], "answer": question["answer"]}]
+    )
+
+    assert torch.equal(seed_style["input_ids"], ours["input_ids"])
+    assert torch.allclose(seed_style["pixel_values"], ours["pixel_values"])
+    ours_labelled = (ours["labels"][0] != -100).nonzero().flatten().tolist()
+    seed_labelled = (seed_style["labels"][0] != -100).nonzero().flatten().tolist()
+    last = ours["input_ids"].shape[1] - 1
+    assert processor.tokenizer.decode(ours["input_ids"][0, last]) == "\n"
+    assert seed_labelled == ours_labelled + [last]  # the answer, <end_of_turn>, and the template's newline
+    assert torch.equal(seed_style["labels"][0, seed_labelled], seed_style["input_ids"][0, seed_labelled])
+
+
+def test_flops_formula_counts_the_weights_the_model_has(tiny_model_dir: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    dims = gpu.model_dimensions(str(tiny_model_dir))
+    counts = gpu.parameter_counts(dims, lora_r=16)
+
+    def linear_weights(prefix: str) -> int:
+        return sum(
+            module.weight.numel()
+            for name, module in model.named_modules()
+            if name.startswith(prefix) and isinstance(module, torch.nn.Linear)
+        )
+
+    patch_embedding = model.model.vision_tower.embeddings.patch_embedding.weight.numel()
+    assert counts["text"] == linear_weights("model.language_model.layers")
+    assert counts["vision"] == linear_weights("model.vision_tower") + patch_embedding
+    assert counts["projector"] == linear_weights("model.multi_modal_projector")
+    assert counts["embedding"] == model.get_input_embeddings().weight.numel()
+
+    # The full-size shapes: Gemma-2b's decoder layers hold ~1.98 B weights, CLIP ViT-L ~0.30 B.
+    from gqaru.tiny import PRESETS
+
+    big = PRESETS["gemma-2b-shapes"]
+    big_dims = {
+        "hidden": big.text_hidden_size, "text_layers": big.text_layers, "heads": big.text_heads,
+        "kv_heads": big.text_kv_heads, "head_dim": big.text_head_dim, "intermediate": big.text_intermediate_size,
+        "vocab": big.text_vocab_size, "vision_width": big.vision_hidden_size, "vision_layers": big.vision_layers,
+        "vision_intermediate": big.vision_intermediate_size, "vision_tokens": 577, "patch_size": 14,
+        "image_features": 576,
+    }
+    big_counts = gpu.parameter_counts(big_dims, lora_r=16)
+    assert round(big_counts["text"] / 1e9, 2) == 1.98
+    assert round(big_counts["vision"] / 1e9, 2) == 0.30
+    assert big_counts["lora"] == 18 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 256))
+    # Frozen base: about 4 FLOPs per weight per token, plus attention and the head at the labels.
+    flops = gpu.sequence_flops(big_dims, big_counts, tokens=800, label_tokens=16)
+    assert 4 * 800 * big_counts["text"] < flops < 6 * 800 * (big_counts["text"] + big_counts["vision"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_gpu_benchmark_refuses_without_cuda_and_says_why(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu.py"), "--out", str(tmp_path / "gpu.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "needs a CUDA GPU" in completed.stderr and "--smoke" in completed.stderr
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_table_says_not_met_plainly() -> None:
+    entries = [
+        {"id": "P9", "measure": "m", "ratio": 2.0, "goal": ">= 5x", "met": False,
+         "details": {"speed_goal_met": False, "accuracy_goal_met": True}},
+        {"id": "P8", "measure": "n", "ratio": 7.0, "goal": ">= 5x", "met": True, "details": {}},
+    ]
+    text = runner.table(entries)
+    assert "NOT MET" in text.splitlines()[1] and "met" in text.splitlines()[2]
+    assert runner._why(entries[0]) == "speed goal missed"
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_entry_in_the_shared_format(tmp_path: Path) -> None:
+    results_path = tmp_path / "results" / "results.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--workdir", str(tmp_path / "work"),
+         "--results", str(results_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    assert [entry["id"] for entry in results][:5] == ["P1", "P2", "P3", "P4", "P5"]
+    for entry in results:
+        assert set(entry) == RESULT_KEYS
+        assert isinstance(entry["ratio"], (int, float)) and entry["ratio"] > 0
+        assert entry["met"] in (True, False, None)
+    by_id = {entry["id"]: entry for entry in results}
+    p1 = by_id["P1"]["details"]
+    assert p1["seed_style"]["questions"] == p1["gqaru"]["questions"] == 40  # both sides, the same questions
+    assert by_id["P2"]["details"]["noisy"]["questions"] == 12
+    markdown = results_path.with_suffix(".md").read_text(encoding="utf-8")
+    assert markdown.startswith("| id | measure | ratio | goal | result |")
+    assert "P1" in completed.stdout and "total" in completed.stdout
