@@ -1,6 +1,6 @@
 """The benchmark runner: one command, every performance goal measured as a ratio within one run.
 
-    python benchmarks/run.py            # or: make bench      (~6-9 min on 2 shared CPU cores)
+    python benchmarks/run.py            # or: make bench      (3-6 min on 2 shared CPU cores)
 
 Prints a table (each ratio beside its goal, NOT MET said plainly) and writes
 `benchmarks/results.json` (a list of {"id", "measure", "ratio", "goal", "met", "details"}) and
@@ -37,6 +37,11 @@ import bench_train
 from bench_common import DEFAULT_THREADS, machine_info
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_WORKDIR = HERE / "out"
+"""The git-ignored scratch space."""
+WORKDIR_MARKER = ".gqaru-benchmarks"
+"""Marks another directory as run.py's scratch space: only such a directory (or the default) is
+emptied at the start."""
 
 QUICK_SETTINGS = {
     "train": {"train_questions": 40, "eval_questions": 24, "testdev_questions": 60},
@@ -194,7 +199,7 @@ def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--workdir", default=str(HERE / "out"), help="scratch dir, emptied first (default benchmarks/out)"
+        "--workdir", default=str(DEFAULT_WORKDIR), help="scratch dir, emptied first (default benchmarks/out)"
     )
     parser.add_argument(
         "--results", default=str(HERE / "results.json"), help="where results.json goes (results.md beside it)"
@@ -204,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir)
-    if workdir.exists():
+    if workdir.exists() and any(workdir.iterdir()):
+        ours = (workdir / WORKDIR_MARKER).is_file() or workdir.resolve() == DEFAULT_WORKDIR
+        if not ours:
+            parser.error(f"--workdir {workdir} is not empty and not an earlier benchmark workdir: refusing to empty it")
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).write_text("scratch space of benchmarks/run.py: emptied on every run\n")
     results, summary = run_all(workdir, quick=args.quick, threads=args.threads)
 
     results_path = Path(args.results)

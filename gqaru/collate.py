@@ -117,7 +117,57 @@ class SequencePlanner:
     def plan(
         self, questions: Sequence[dict[str, Any]], drops: DropCounter | None = None
     ) -> list[tuple[tuple[dict[str, Any], ...], TokenizedConversation]]:
-        """Groups of questions with their tokens; dropped questions are added to `drops`."""
+        """Groups of questions with their tokens; dropped questions are added to `drops`.
+
+        Fast path: each question is tokenized once, alone; a later turn costs its own length minus
+        what only a first turn carries (bos, the image slot). Each planned group is then tokenized
+        once and checked; a template or tokenizer for which lengths do not add up falls back to
+        `plan_exactly` for that group, so the result is always the exact greedy plan.
+        """
+        alone = [self.tokenize([question]) for question in questions]
+        overhead = self._first_turn_overhead()
+        groups: list[list[int]] = []
+        current: list[int] = []
+        length = 0
+        for index, tokens in enumerate(alone):
+            first = self.text_length(tokens)
+            if current and len(current) < self.questions_per_sequence and length + first - overhead <= self.max_seq_len:
+                current.append(index)
+                length += first - overhead
+                continue
+            if current:
+                groups.append(current)
+            if first > self.max_seq_len:
+                if drops is not None:
+                    drops.add("question_too_long", str(questions[index].get("id")))
+                current, length = [], 0
+                continue
+            current, length = [index], first
+        if current:
+            groups.append(current)
+
+        planned: list[tuple[tuple[dict[str, Any], ...], TokenizedConversation]] = []
+        for group in groups:
+            members = tuple(questions[index] for index in group)
+            tokens = alone[group[0]] if len(group) == 1 else self.tokenize(members)
+            if self.text_length(tokens) == sum(self.text_length(alone[i]) for i in group) - overhead * (len(group) - 1):
+                planned.append((members, tokens))
+            else:
+                planned += self.plan_exactly(members, drops)
+        return planned
+
+    def _first_turn_overhead(self) -> int:
+        """Text tokens a first turn has and a later turn lacks (bos, the newline after `<image>`)."""
+        if not hasattr(self, "_overhead"):
+            probe = {"question": "?", "answer": "?"}
+            single = self.text_length(self.tokenize([probe]))
+            self._overhead = 2 * single - self.text_length(self.tokenize([probe, probe]))
+        return self._overhead
+
+    def plan_exactly(
+        self, questions: Sequence[dict[str, Any]], drops: DropCounter | None = None
+    ) -> list[tuple[tuple[dict[str, Any], ...], TokenizedConversation]]:
+        """The same greedy plan, re-tokenizing the growing conversation at every step (slow, exact)."""
         groups: list[tuple[tuple[dict[str, Any], ...], TokenizedConversation]] = []
         current: list[dict[str, Any]] = []
         current_tokens: TokenizedConversation | None = None

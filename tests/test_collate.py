@@ -205,3 +205,27 @@ def test_overfitting_a_few_batches_drives_the_loss_down(tiny_model_dir: Path, pr
         optimizer.zero_grad()
         losses.append((loss_sum / tokens).item())
     assert losses[-1] < 0.1 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("questions_per_sequence", [1, 3, 8])
+@pytest.mark.parametrize("max_seq_len", [30, 60, 120, 512])
+def test_fast_plan_equals_the_exact_greedy_plan(processor, questions_per_sequence: int, max_seq_len: int) -> None:
+    import random
+
+    rng = random.Random(questions_per_sequence * 1000 + max_seq_len)
+    words = ["круг", "квадрат", "красный", "слева", "большой", "<image>", "фигура", "на", "картинке", "?"]
+    questions = [
+        {
+            "id": f"q{index}",
+            "question": " ".join(rng.choice(words) for _ in range(rng.randint(1, 25))),
+            "answer": " ".join(rng.choice(words) for _ in range(rng.randint(1, 3))),
+        }
+        for index in range(40)
+    ]
+    planner = SequencePlanner(processor.tokenizer, questions_per_sequence, max_seq_len)
+    fast_drops, exact_drops = DropCounter(), DropCounter()
+    fast = planner.plan(questions, fast_drops)
+    exact = planner.plan_exactly(questions, exact_drops)
+    assert [[q["id"] for q in group] for group, _ in fast] == [[q["id"] for q in group] for group, _ in exact]
+    assert [tokens for _, tokens in fast] == [tokens for _, tokens in exact]
+    assert fast_drops.counts == exact_drops.counts
