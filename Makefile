@@ -33,7 +33,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 # The offline demo, end to end: a synthetic GQA-ru and a tiny LLaVA built here, shards, the
 # untrained model's score, LoRA training, the trained model's score, and the paired comparison.
 demo: setup
-	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 4000 --testdev-questions 1000 --seed 0
+	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 8000 --testdev-questions 2000 --seed 0
 	$(BIN)/gqaru tiny-model --out $(DEMO_MODEL) --preset tiny --seed 0
 	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split train --out $(DEMO_TRAIN_SHARDS) --seed 0
 	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split testdev --out $(DEMO_TESTDEV_SHARDS) --seed 0

@@ -536,7 +536,8 @@ def score_command(
             other = read_predictions(against)
             if not other:
                 raise PredictionsError(f"{against}: no predictions in the file")
-            comparison = paired_comparison(records, other, label_a=str(path), label_b=str(against))
+            # The file scored first is the run under test: report it minus the one it is compared against.
+            comparison = paired_comparison(other, records, label_a=str(against), label_b=str(path))
     except (PredictionsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -47,8 +47,6 @@ __all__ = [
     "training_corpus",
     "generate_split",
     "draw_scene",
-    "describe_scene",
-    "captioned_scenes",
     "SyntheticImage",
     "write_synthetic_gqa",
 ]
@@ -1102,41 +1100,6 @@ def generate_split(split: str, questions: int, seed: int = 0) -> list[SyntheticI
         if image.rows:
             images.append(image)
     return images
-
-
-# --------------------------------------------------------------------------------------------
-# Captions: a different task on fresh scenes, for the tiny model's pretraining stage
-# --------------------------------------------------------------------------------------------
-
-_COLUMN_WORDS = {2: ("слева", "справа"), 3: ("слева", "посередине", "справа")}
-_ROW_WORDS = {2: ("вверху", "внизу"), 3: ("вверху", "посередине", "внизу")}
-
-
-def describe_scene(scene: Scene) -> str:
-    """A Russian caption naming every object with its size, colour and place, in reading order.
-
-    «Фон серый. Три фигуры: большой красный круг слева вверху, маленькая синяя звезда …».
-    A description, not a question and answer: the tiny model is pretrained on captions so that it
-    knows the scenes' words and sees its images, and must still learn the short-answer task.
-    """
-    parts = []
-    for obj in sorted(scene.objects, key=lambda obj: (obj.row, obj.column)):
-        gender = obj.shape.gender
-        place = f"{_COLUMN_WORDS[scene.columns][obj.column]} {_ROW_WORDS[scene.rows][obj.row]}"
-        parts.append(f"{obj.size.nom[gender]} {obj.color.nom[gender]} {obj.shape.nom} {place}")
-    numeral, noun = COUNT_WORDS[len(scene.objects)]
-    return f"Фон {scene.background.nom['m']}. {_cap(numeral)} {noun}: {', '.join(parts)}."
-
-
-def captioned_scenes(count: int, seed: int = 0) -> list[tuple[bytes, str]]:
-    """`count` fresh scenes as (JPEG bytes, caption): the same seed gives the same list.
-
-    Drawn from their own random stream (not the train or testdev one), so pretraining on them never
-    shows the model an image of either split.
-    """
-    rng = random.Random(_split_seed(seed, "pretrain-captions"))
-    scenes = [_random_scene(rng, first_object_number=0, min_objects=2) for _ in range(count)]
-    return [(draw_scene(scene), describe_scene(scene)) for scene in scenes]
 
 
 # --------------------------------------------------------------------------------------------

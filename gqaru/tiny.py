@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -506,110 +505,6 @@ def build_model(
     model.generation_config = generation_config(tokenizer)
     model.eval()
     return model
-
-
-# --------------------------------------------------------------------------------------------------
-# Pretraining: a base that knows its images, as the real LLaVA's does
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionPretraining:
-    """A short full-parameter pretraining of the tiny model on scene captions.
-
-    The real LLaVA is fine-tuned from a pretrained CLIP and a pretrained Gemma aligned on image
-    captions; a random base is an unrealistic start (its frozen random vision tower cannot tell a
-    star from a heart, and LoRA cannot fix that). This stage trains every weight on
-    `synth.captioned_scenes` — fresh scenes from their own random stream, captions of the form
-    «Фон серый. Три фигуры: большой красный круг слева вверху, …» — and never on questions, answers
-    or the chat format, so the fine-tuning still has the short-answer task to learn (an untrained
-    model answers questions with caption-like text, far from the one-word answers).
-
-    Sequences are `<bos> <image>×N caption <eos>` with the loss on the caption and `<eos>`.
-    """
-
-    scenes: int = 3000
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 20
-
-
-def _caption_batches(
-    processor: LlavaProcessor, plan: CaptionPretraining, seed: int
-) -> tuple[torch.Tensor, list[list[int]]]:
-    """Pixel values (S, 3, H, W) and caption token ids (with `<eos>`) of `plan.scenes` scenes."""
-    import io
-
-    from PIL import Image
-
-    from gqaru.synth import captioned_scenes
-
-    scenes = captioned_scenes(plan.scenes, seed=seed)
-    images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg, _ in scenes]
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    tokenizer = processor.tokenizer
-    captions = [tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                for _, caption in scenes]
-    return pixel_values, captions
-
-
-def pretrain_on_captions(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
-    plan: CaptionPretraining,
-    image_tokens: int,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Train every weight of `model` on captions (see `CaptionPretraining`); returns loss figures.
-
-    Deterministic for a seed and thread count: scenes, order and initial weights all come from it.
-    """
-    tokenizer = processor.tokenizer
-    pixel_values, captions = _caption_batches(processor, plan, seed)
-    prefix = [tokenizer.bos_token_id] + [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)
-
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine to zero
-        if step < plan.warmup_steps:
-            return (step + 1) / plan.warmup_steps
-        progress = (step - plan.warmup_steps) / max(1, plan.steps - plan.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    order = torch.randperm(len(captions), generator=generator).tolist()
-    cursor, losses = 0, []
-    model.train()
-    for _ in range(plan.steps):
-        if cursor + plan.batch_size > len(order):
-            order, cursor = torch.randperm(len(captions), generator=generator).tolist(), 0
-        picked = order[cursor : cursor + plan.batch_size]
-        cursor += plan.batch_size
-        length = len(prefix) + max(len(captions[index]) for index in picked)
-        input_ids = torch.full((len(picked), length), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(picked), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(picked), length), dtype=torch.long)
-        for row, index in enumerate(picked):
-            ids = prefix + captions[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, len(prefix) : len(ids)] = torch.tensor(captions[index])
-            attention_mask[row, : len(ids)] = 1
-        loss = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values[picked],
-            labels=labels,
-            use_cache=False,
-        ).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-    model.eval()
-    tail = losses[-max(1, plan.steps // 10) :]
-    return {"first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4)}
 
 
 # --------------------------------------------------------------------------------------------------

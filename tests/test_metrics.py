@@ -302,7 +302,9 @@ def test_score_command_against_prints_the_paired_comparison(tmp_path: Path, caps
     assert "paired comparison on 6 shared question ids" in printed
     assert "exact McNemar p" in printed and "do not fully overlap" in printed
     comparison = json.loads(out.read_text(encoding="utf-8"))["comparison"]
-    assert (comparison["a_right_b_wrong"], comparison["a_wrong_b_right"]) == (0, 3)
+    # A is the --against run, B the scored file: the difference reads "scored minus against".
+    assert (comparison["a_right_b_wrong"], comparison["a_wrong_b_right"]) == (3, 0)
+    assert comparison["labels"]["b"] == str(path_a) and comparison["difference"]["b_minus_a"] < 0
     assert comparison["mcnemar_exact_p"] == pytest.approx(0.25)
 
 
