@@ -43,7 +43,6 @@ model.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,12 +52,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase, ProcessorMixin
 
-from gqaru import modeling
+from gqaru import accel, modeling
 from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
 from gqaru.config import Config, config_from_command_line, save_config
 from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
@@ -326,24 +325,8 @@ class EvaluationResult:
 
 
 def make_accelerator() -> Accelerator:
-    """An Accelerator with correct rank bookkeeping on CPU too (gloo process group, TRAPS.md).
-
-    The gloo handler is given only under a multi-process launch (WORLD_SIZE > 1): for a plain
-    `python -m gqaru.evaluate` accelerate would otherwise ask torch.distributed for a world size
-    before any process group exists, and fail.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    accelerator = Accelerator(kwargs_handlers=handlers)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world != accelerator.num_processes or torch.distributed.get_rank() != accelerator.process_index:
-            raise EvaluationError(
-                f"accelerate sees {accelerator.num_processes} process(es) (index {accelerator.process_index}) but "
-                f"torch.distributed has {world} (rank {torch.distributed.get_rank()}): refusing to evaluate with "
-                "inconsistent rank bookkeeping (questions would be answered twice or not at all)"
-            )
-    return accelerator
+    """The evaluation Accelerator: `gqaru.accel`'s, nothing added (no model or data is prepared)."""
+    return accel.make_accelerator()
 
 
 def select_questions(config: Config) -> list[str]:
@@ -522,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator()
         evaluate(config, accelerator=accelerator)
-    except (ShardError, modeling.ModelSetupError, FileNotFoundError) as error:
+    except (ShardError, modeling.ModelSetupError, accel.RankBookkeepingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except EvaluationError as error:

@@ -39,13 +39,13 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from gqaru import modeling
+from gqaru import accel, modeling
 from gqaru.collate import DropCounter, EncodedSequence, SequencePlanner, TrainingCollator
 from gqaru.config import Config, ConfigError, config_from_command_line, save_config
 from gqaru.shards import rank_sample_metas, training_pipeline
@@ -108,29 +108,14 @@ def _setup_logging(accelerator: Accelerator) -> None:
 
 
 def make_accelerator(config: Config) -> Accelerator:
-    """An Accelerator whose rank bookkeeping is right on every backend, CPU DeepSpeed included.
-
-    Without a GPU, accelerate leaves its DeepSpeed state at one process unless the process group
-    is created with the gloo backend through its kwargs handler (TRAPS.md); the check after it
-    makes any such drift a loud error instead of silent duplicate training.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    """The training Accelerator (`gqaru.accel`: right rank bookkeeping on every backend, CPU
+    DeepSpeed included), with DeepSpeed's "auto" values filled from the gqaru config."""
     run_dir = config.run_dir()
-    accelerator = Accelerator(
+    accelerator = accel.make_accelerator(
         gradient_accumulation_steps=config.train.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
-        kwargs_handlers=handlers,
     )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world != accelerator.num_processes or torch.distributed.get_rank() != accelerator.process_index:
-            raise RuntimeError(
-                f"accelerate sees {accelerator.num_processes} process(es) (index {accelerator.process_index}) but "
-                f"torch.distributed has {world} (rank {torch.distributed.get_rank()}): refusing to train with "
-                "inconsistent rank bookkeeping"
-            )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         # The loader is not prepared (TRAPS.md), so fill what accelerate would read from it.
@@ -624,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.setup()
         run.train()
-    except (ConfigError, modeling.ModelSetupError) as error:
+    except (ConfigError, modeling.ModelSetupError, accel.RankBookkeepingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
