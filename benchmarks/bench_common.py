@@ -9,6 +9,7 @@ setting, so ratios stay fair; `--threads N` changes it for all of them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -96,6 +97,21 @@ def run_script_phase(
     result = json.loads(result_file.read_text(encoding="utf-8"))
     result["process_seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def add_phase_arguments(parser: argparse.ArgumentParser, phases: tuple[str, ...]) -> None:
+    """The hidden arguments `run_script_phase` passes to a benchmark script's child process."""
+    parser.add_argument("--phase", choices=phases, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+
+
+def run_requested_phase(args: argparse.Namespace, run_phase: Any, defaults: dict[str, Any]) -> bool:
+    """In a child started by `run_script_phase`: run its phase and say so (False: not a child)."""
+    if not args.phase:
+        return False
+    run_phase(args.phase, Path(args.workdir), {**defaults, **json.loads(args.settings)}, json.loads(args.extra))
+    return True
 
 
 def write_phase_result(workdir: Path, phase: str, result: dict[str, Any]) -> None:

@@ -40,7 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import DEFAULT_THREADS, run_script_phase, set_threads, write_phase_result
+from bench_common import (
+    DEFAULT_THREADS,
+    add_phase_arguments,
+    run_requested_phase,
+    run_script_phase,
+    set_threads,
+    write_phase_result,
+)
 
 SELECTION_SEED = 7
 NOISE_STD = 0.3
@@ -242,12 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(HERE / "out" / "eval"), help="scratch dir (git-ignored default)")
     parser.add_argument("--questions", type=int, default=None, help="held-out questions answered by both sides")
-    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    add_phase_arguments(parser, PHASES)
     args = parser.parse_args(argv)
-    if args.phase:
-        run_phase(args.phase, Path(args.workdir), {**DEFAULTS, **json.loads(args.settings)}, json.loads(args.extra))
+    if run_requested_phase(args, run_phase, DEFAULTS):
         return 0
     # Standalone: the models and shards come from the training benchmark's preparation.
     import bench_train

@@ -61,7 +61,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import DEFAULT_THREADS, run_script_phase, set_threads, write_phase_result
+from bench_common import (
+    DEFAULT_THREADS,
+    add_phase_arguments,
+    run_requested_phase,
+    run_script_phase,
+    set_threads,
+    write_phase_result,
+)
 
 SELECTION_SEED = 7
 """Seed of the question draws (training set and evaluation set)."""
@@ -580,12 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(HERE / "out" / "train"), help="scratch dir (git-ignored default)")
     parser.add_argument("--questions", type=int, default=None, help="training questions (both sides)")
     parser.add_argument("--eval-questions", type=int, default=None, help="held-out questions for accuracy")
-    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    add_phase_arguments(parser, PHASES)
     args = parser.parse_args(argv)
-    if args.phase:
-        run_phase(args.phase, Path(args.workdir), {**DEFAULTS, **json.loads(args.settings)}, json.loads(args.extra))
+    if run_requested_phase(args, run_phase, DEFAULTS):
         return 0
     overrides = {}
     if args.questions:

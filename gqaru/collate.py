@@ -105,6 +105,11 @@ class SequencePlanner:
         self.questions_per_sequence = questions_per_sequence
         self.max_seq_len = max_seq_len
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # Text tokens a first turn has and a later turn lacks (bos, the newline after `<image>`).
+        probe = {"question": "?", "answer": "?"}
+        self.first_turn_overhead = 2 * self.text_length(self.tokenize([probe])) - self.text_length(
+            self.tokenize([probe, probe])
+        )
 
     def tokenize(self, questions: Sequence[dict[str, Any]]) -> TokenizedConversation:
         turns = [Turn(question["question"], question["answer"]) for question in questions]
@@ -125,7 +130,7 @@ class SequencePlanner:
         `plan_exactly` for that group, so the result is always the exact greedy plan.
         """
         alone = [self.tokenize([question]) for question in questions]
-        overhead = self._first_turn_overhead()
+        overhead = self.first_turn_overhead
         groups: list[list[int]] = []
         current: list[int] = []
         length = 0
@@ -155,14 +160,6 @@ class SequencePlanner:
             else:
                 planned += self.plan_exactly(members, drops)
         return planned
-
-    def _first_turn_overhead(self) -> int:
-        """Text tokens a first turn has and a later turn lacks (bos, the newline after `<image>`)."""
-        if not hasattr(self, "_overhead"):
-            probe = {"question": "?", "answer": "?"}
-            single = self.text_length(self.tokenize([probe]))
-            self._overhead = 2 * single - self.text_length(self.tokenize([probe, probe]))
-        return self._overhead
 
     def plan_exactly(
         self, questions: Sequence[dict[str, Any]], drops: DropCounter | None = None

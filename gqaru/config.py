@@ -12,6 +12,7 @@ None) and validated like the file, so a typo on the command line fails as loudly
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,8 +263,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def config_from_command_line(argv: list[str], usage: str) -> Config | int:
     """`CONFIG.yaml [key=value ...]` of a stage's `main`: the config, or an exit code after
     printing the usage (-h) or the error."""
-    import sys
-
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage)
         return 0 if argv else 2

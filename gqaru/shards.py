@@ -793,13 +793,15 @@ def iter_eval_metas(
     _check_slot(rank, world_size, 0)
     directory = Path(shards_dir)
     paths = _shard_paths(directory, read_manifest(directory))
+    if not paths:  # a shard dir of an empty source; webdataset refuses an empty shard list
+        return iter(())
     wanted = None if question_ids is None else frozenset(question_ids)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(paths),
         wds.tarfile_to_samples(select_files=lambda name: name.endswith(".json")),
         _EvalSelect(wanted, rank, world_size),
     )
-    return (sample["__meta__"] for sample in (pipeline if paths else ()))
+    return (sample["__meta__"] for sample in pipeline)
 
 
 def list_question_ids(shards_dir: str | os.PathLike[str]) -> list[str]:
@@ -807,12 +809,4 @@ def list_question_ids(shards_dir: str | os.PathLike[str]) -> list[str]:
 
     Evaluation draws its subset with `select_question_ids(list_question_ids(dir), N, seed)`.
     """
-    directory = Path(shards_dir)
-    paths = _shard_paths(directory, read_manifest(directory))
-    if not paths:
-        return []
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(paths),
-        wds.tarfile_to_samples(select_files=lambda name: name.endswith(".json")),
-    )
-    return sorted(qa["id"] for sample in pipeline for qa in json.loads(sample["json"])["qa"])
+    return sorted(qa["id"] for meta in iter_eval_metas(shards_dir) for qa in meta["qa"])
