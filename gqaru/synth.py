@@ -34,7 +34,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -980,7 +980,11 @@ class _YesNoBalancer:
 
 
 def _questions_for_scene(
-    scene: Scene, rng: random.Random, wanted: int, balancer: _YesNoBalancer
+    scene: Scene,
+    rng: random.Random,
+    wanted: int,
+    balancer: _YesNoBalancer,
+    templates: tuple[TemplateSpec, ...] = TEMPLATES,
 ) -> list[Question]:
     """Up to `wanted` questions about one scene (fewer if the scene runs out of new ones).
 
@@ -989,10 +993,10 @@ def _questions_for_scene(
     """
     questions: list[Question] = []
     seen: set[tuple[str, tuple[str, str]]] = set()
-    weights = [spec.weight for spec in TEMPLATES]
+    weights = [spec.weight for spec in templates]
     failures = 0
     while len(questions) < wanted and failures < 60:
-        spec = rng.choices(TEMPLATES, weights=weights)[0]
+        spec = rng.choices(templates, weights=weights)[0]
         target: YesNo = balancer.target(spec.name, rng) if spec.yes_no else None
         question = spec.build(scene, rng, target)
         if question is None or (spec.name, question.topic) in seen:
@@ -1065,17 +1069,29 @@ def _split_seed(seed: int, split: str) -> int:
     return seed * 1_000_003 + int.from_bytes(split.encode(), "little") % 1_000_000_007
 
 
-def generate_split(split: str, questions: int, seed: int = 0) -> list[SyntheticImage]:
+def generate_split(
+    split: str, questions: int, seed: int = 0, templates: Collection[str] | None = None
+) -> list[SyntheticImage]:
     """The scenes and question rows of one split: exactly `questions` rows (no images drawn yet).
 
     Image ids are GQA-like and disjoint between splits (train "2300000"…, testdev "n100000"…);
     question ids are unique across both splits (train 8 digits from "02000000", testdev 9 digits
-    from "201000000").
+    from "201000000"). `templates` (names from `TEMPLATES`) restricts the questions to those
+    templates, for probing what a model learns of each; None asks all of them.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
     if questions <= 0:
         raise ValueError(f"the {split} split needs a positive number of questions, got {questions}")
+    chosen = TEMPLATES
+    if templates is not None:
+        unknown = sorted(set(templates) - {spec.name for spec in TEMPLATES})
+        if unknown or not templates:
+            raise ValueError(
+                f"unknown synthetic question templates {unknown or '(none given)'}; "
+                f"choose from {[spec.name for spec in TEMPLATES]}"
+            )
+        chosen = tuple(spec for spec in TEMPLATES if spec.name in set(templates))
     rng = random.Random(_split_seed(seed, split))
     balancer = _YesNoBalancer()
     low, high = QUESTIONS_PER_IMAGE[split]
@@ -1087,7 +1103,7 @@ def generate_split(split: str, questions: int, seed: int = 0) -> list[SyntheticI
         image_id = f"{2_300_000 + index}" if split == "train" else f"n{100_000 + index}"
         scene = _random_scene(rng, first_object_number=1_000_000 + index * 10, min_objects=min_objects)
         wanted = min(rng.randint(low, high), questions - question_number)
-        generated = _questions_for_scene(scene, rng, wanted, balancer)
+        generated = _questions_for_scene(scene, rng, wanted, balancer, chosen)
         ids = [_question_id(split, question_number + offset) for offset in range(len(generated))]
         question_number += len(generated)
         by_topic: dict[tuple[str, str], list[str]] = defaultdict(list)

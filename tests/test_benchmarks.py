@@ -6,12 +6,15 @@
 - gpu.py's FLOPs formula counts the weights the model really has, and it refuses to run off CUDA
   with a message instead of a traceback;
 - the runner's table says NOT MET plainly;
+- the learning probe shows per-object grounding through the vision path (a colour word next to the
+  answer, judged against its own image and against others');
 - `benchmarks/run.py --quick` runs every benchmark's code path at toy size and writes results in
   the shared format (slow: ~1-2 min, a dozen fresh processes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -57,8 +61,6 @@ def test_seed_style_collator_trains_the_same_tokens_as_gqaru(tiny_model_dir: Pat
 
 
 def test_flops_formula_counts_the_weights_the_model_has(tiny_model_dir: Path) -> None:
-    from transformers import LlavaForConditionalGeneration
-
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
     dims = gpu.model_dimensions(str(tiny_model_dir))
     counts = gpu.parameter_counts(dims, lora_r=16)
@@ -140,3 +142,36 @@ def test_quick_run_writes_every_entry_in_the_shared_format(tmp_path: Path) -> No
     markdown = results_path.with_suffix(".md").read_text(encoding="utf-8")
     assert markdown.startswith("| id | measure | ratio | goal | result |")
     assert "P1" in completed.stdout and "total" in completed.stdout
+
+
+def test_learning_probe_grounds_a_colour_word_in_its_own_image(tiny_model_dir: Path) -> None:
+    """The vision path carries per-object content to a text position that asks for it.
+
+    One hop (`learning_probe --format word`): image, then a colour word, answered «да»/«нет» by
+    whether a figure of that colour is in the picture. 400 full fine-tuning steps reach ~0.89 on
+    held-out images (chance 0.50). Paired with other questions' images the same model falls back
+    to chance, so the score comes from each question's own image, not from the word alone.
+    """
+    import learning_probe as probe
+    from gqaru.collate import TrainingCollator
+    from gqaru.modeling import load_processor
+
+    torch.manual_seed(0)
+    collator = TrainingCollator(load_processor(tiny_model_dir))
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    templates = ["verify_exist_color"]
+    train = probe.word_items(probe.synthetic_images("train", 8000, templates, seed=0), collator)
+    test = probe.word_items(probe.synthetic_images("testdev", 600, templates, seed=0), collator)
+    assert {kind for item in test for _, kind in item.types} == {"yes/no"}
+
+    probe.train(model, train, steps=400, lr=1e-3, batch_size=16, collator=collator, seed=0, log_every=400)
+    own_images = probe.exact_match(model, test, collator)["_all"]["accuracy"]
+    swapped = [
+        dataclasses.replace(
+            item, encoded=dataclasses.replace(item.encoded, pixel_values=test[(index + 7) % len(test)].encoded.pixel_values)
+        )
+        for index, item in enumerate(test)
+    ]
+    other_images = probe.exact_match(model, swapped, collator)["_all"]["accuracy"]
+    assert own_images >= 0.75, own_images
+    assert other_images <= 0.6, other_images

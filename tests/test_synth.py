@@ -314,3 +314,12 @@ def test_cli_help_and_cli_writes_a_loadable_dataset(tmp_path: Path, capsys: pyte
     assert "train: 50 questions" in capsys.readouterr().out
     assert len(_load(out, "train_balanced_instructions", "train")) == 50
     assert len(_load(out, "testdev_balanced_instructions", "testdev")) == 40
+
+
+def test_generate_split_can_restrict_templates() -> None:
+    images = synth.generate_split("train", 300, seed=0, templates=["verify_exist_color", "query_background"])
+    details = {row["types"]["detailed"] for image in images for row in image.rows}
+    assert sum(len(image.rows) for image in images) == 300
+    assert details == {"existAttr", "backgroundColor"}
+    with pytest.raises(ValueError, match="unknown synthetic question templates \\['verify_colour'\\]"):
+        synth.generate_split("train", 10, templates=["verify_colour"])
