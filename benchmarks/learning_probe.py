@@ -54,8 +54,6 @@ from gqaru.config import load_config  # noqa: E402
 from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}
-
-
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
