@@ -55,9 +55,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 

@@ -197,12 +197,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         test = items(test_images, fmt)
         log += train(model, items(train_images, fmt), steps, args.lr, args.batch_size, collator, args.seed,
                      test=test, label=fmt)  # fmt: skip
-    result = {
-        "settings": vars(args),
-        "log": log,
-        "held_out": exact_match(model, items(test_images, stages[-1][0]), collator),
-    }
-    return result
+    return {"settings": vars(args), "log": log, "held_out": exact_match(model, test, collator)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -324,11 +324,6 @@ class EvaluationResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def make_accelerator() -> Accelerator:
-    """The evaluation Accelerator: `gqaru.accel`'s, nothing added (no model or data is prepared)."""
-    return accel.make_accelerator()
-
-
 def select_questions(config: Config) -> list[str]:
     """The evaluated question ids: the seeded selection over every id in the shards."""
     max_samples = None if config.eval.max_samples == "all" else int(config.eval.max_samples)
@@ -393,7 +388,7 @@ def evaluate(
         ModelSetupError: the model cannot run here (e.g. 4-bit off CUDA).
         EvaluationError: the gathered predictions miss or repeat a selected question.
     """
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or accel.make_accelerator()
     _setup_logging(accelerator)
     run_dir = config.run_dir()
     started = time.perf_counter()
@@ -503,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return config
     accelerator = None
     try:
-        accelerator = make_accelerator()
+        accelerator = accel.make_accelerator()
         evaluate(config, accelerator=accelerator)
     except (ShardError, modeling.ModelSetupError, accel.RankBookkeepingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
