@@ -31,7 +31,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 # The offline demo, end to end: a synthetic GQA-ru and a tiny LLaVA built here, shards, the
-# untrained model's score, LoRA training, the trained model's score, and the paired comparison.
+# untrained model's score, LoRA training, the trained model's score and the paired comparison,
+# then the same comparison against the blind baseline (the training answers, no image).
 demo: setup
 	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 8000 --testdev-questions 2000 --seed 0
 	$(BIN)/gqaru tiny-model --out $(DEMO_MODEL) --preset tiny --seed 0
@@ -43,6 +44,9 @@ demo: setup
 	$(BIN)/accelerate launch --config_file launch/cpu.yaml -m gqaru.evaluate configs/demo_eval.yaml \
 		model.adapter=runs/demo/adapter output.run_name=demo-trained
 	$(BIN)/gqaru score runs/demo-trained/predictions.jsonl --against runs/demo-untrained/predictions.jsonl
+	$(BIN)/gqaru blind-baseline --train $(DEMO_TRAIN_SHARDS) --questions runs/demo-trained/predictions.jsonl \
+		--out runs/demo-blind/predictions.jsonl
+	$(BIN)/gqaru score runs/demo-trained/predictions.jsonl --against runs/demo-blind/predictions.jsonl
 
 test: setup
 	$(BIN)/python -m pytest
@@ -51,4 +55,4 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_MODEL) $(DEMO_TRAIN_SHARDS) $(DEMO_TESTDEV_SHARDS) runs/demo runs/demo-untrained runs/demo-trained
+	rm -rf $(DEMO_DATA) $(DEMO_MODEL) $(DEMO_TRAIN_SHARDS) $(DEMO_TESTDEV_SHARDS) runs/demo runs/demo-untrained runs/demo-trained runs/demo-blind

@@ -7,17 +7,24 @@ collator and `answer_only_loss` are the pipeline's own) and reports, on held-out
 questions, the teacher-forced exact match per GQA detailed type: every answer token and the
 closing `<end_of_turn>` predicted right, which is what greedy decoding would answer.
 
-Two prompt formats:
+Formats, one per stage (`--stages FORMAT:STEPS,...` runs them in order on one model):
 
 * `chat` — the training format: `<image>\\n{question}\\nОтветь одним словом.` in Gemma's turns.
   The image comes first, so the question word that says what to look for («красная») can only
   meet the image inside the language model, and the answer position sits ~10 tokens after it.
 * `word` — one hop: `<bos>` + image + the question's colour word, answered at the next token
   (only for templates that name a colour; `verify_exist_color` is the clean case).
+* `text` — the control: the chat format with the image replaced by the scene written out in words
+  («фон белый; красный круг слева вверху большой; ...»). Perfect perception, so what it cannot
+  learn is the language model's part, not the vision path's.
+* `caption` — `<bos>` + image + a caption of every object in random order, colour and shape
+  words in random order, then side and size; every caption token is trained (LLaVA's stage-1
+  kind of data). Held out: each object's shape after its colour word, and its colour after its shape word.
 
-    python benchmarks/learning_probe.py --templates verify_exist_color --format chat --mode full
-    python benchmarks/learning_probe.py --templates verify_exist_color --format word --mode full
-    python benchmarks/learning_probe.py --templates verify_exist_color --format word --then-chat 400 --mode full
+    python benchmarks/learning_probe.py --templates verify_exist_color --stages chat:650 --mode full
+    python benchmarks/learning_probe.py --templates verify_exist_color --stages word:400,chat:400 --mode full
+    python benchmarks/learning_probe.py --stages text:1000 --mode full
+    python benchmarks/learning_probe.py --stages caption:2500,chat:650 --mode full --train-questions 80000
 
 Measured numbers are in the README of this directory ("Learning probes").
 """
@@ -52,6 +59,7 @@ from gqaru.collate import (  # noqa: E402
 )
 from gqaru.config import load_config  # noqa: E402
 from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa: E402
+from gqaru.prompts import TokenizedConversation  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
@@ -97,7 +105,7 @@ def word_items(images: list, collator: TrainingCollator) -> list[Item]:
         for row in image.rows:
             words = [word for word in row["question"].rstrip("?").split() if word.lower() in COLOUR_WORDS]
             if len(words) != 1:
-                raise ValueError(f"--format word needs one colour word per question; got {row['question']!r}")
+                raise ValueError(f"the word format needs one colour word per question; got {row['question']!r}")
             prompt = [tokenizer.bos_token_id] + [collator.image_token_id] * collator.image_tokens
             prompt += tokenizer(" " + words[0].lower(), add_special_tokens=False).input_ids
             answer = tokenizer(" " + row["answer"], add_special_tokens=False).input_ids
@@ -107,9 +115,96 @@ def word_items(images: list, collator: TrainingCollator) -> list[Item]:
     return items
 
 
+def _object_words(scene: Any, obj: Any) -> tuple[str, str, str, str, str]:
+    """Colour, shape, side, row and size of an object as the questions word them."""
+    gender = obj.shape.gender
+    side = synth._side(scene, obj) or "посередине"
+    row = synth._vertical(scene, obj) or "в центре"
+    return obj.color.nom[gender], obj.shape.nom, side, row, obj.size.nom[gender]
+
+
+def scene_text(scene: Any) -> str:
+    """What the image shows, in words: the background, then each object (top to bottom, left to right)."""
+    objects = sorted(scene.objects, key=lambda obj: (obj.row, obj.column))
+    return "; ".join([f"фон {scene.background.nom['m']}"] + [" ".join(_object_words(scene, obj)) for obj in objects])
+
+
+NO_IMAGE = torch.zeros(0)
+
+
+def text_items(images: list, collator: TrainingCollator, questions_per_sequence: int) -> list[Item]:
+    """The chat format with the `<image>` slot replaced by `scene_text` (the control: no vision)."""
+    planner = SequencePlanner(collator.tokenizer, questions_per_sequence, max_seq_len=512)
+    items = []
+    for image, _ in images:
+        description = collator.tokenizer(scene_text(image.scene), add_special_tokens=False).input_ids
+        for questions, tokens in planner.plan(image.rows):
+            slot = tokens.input_ids.index(collator.image_token_id)
+            shift = len(description) - 1
+            ids = tokens.input_ids[:slot] + description + tokens.input_ids[slot + 1 :]
+            spans = [(start + shift, end + shift) for start, end in tokens.answer_spans]
+            input_ids, labels = collator.expand(TokenizedConversation(ids, spans))
+            question_ids = tuple(question["id"] for question in questions)
+            encoded = EncodedSequence(input_ids, labels, NO_IMAGE, question_ids, 0)
+            items.append(Item(encoded, tuple(_types(question) for question in questions)))
+    return items
+
+
+def _image_prompt(collator: TrainingCollator, picture: Image.Image) -> tuple[list[int], torch.Tensor]:
+    pixel_values = collator.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0]
+    return [collator.tokenizer.bos_token_id] + [collator.image_token_id] * collator.image_tokens, pixel_values
+
+
+def _words(collator: TrainingCollator, text: str) -> list[int]:
+    return collator.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _labelled_after(
+    context: list[int], target: list[int], pixel_values: torch.Tensor, image_id: str, collator: TrainingCollator
+) -> EncodedSequence:
+    """`context` + `target`, with labels on the target tokens only."""
+    labels = [IGNORE_INDEX] * len(context) + target
+    return EncodedSequence(context + target, labels, pixel_values, (image_id,), collator.image_tokens)
+
+
+def caption_items(images: list, collator: TrainingCollator, seed: int, per_image: int = 2) -> list[Item]:
+    """`<bos>` + image + «фон X.» + each object «colour shape side row size;» (object order and
+    colour/shape order random); every caption token is labelled."""
+    rng = random.Random(seed)
+    items = []
+    for image, picture in images:
+        prompt, pixel_values = _image_prompt(collator, picture)
+        for _ in range(per_image):
+            caption = f" фон {image.scene.background.nom['m']}."
+            for obj in rng.sample(image.scene.objects, len(image.scene.objects)):
+                colour, shape, *rest = _object_words(image.scene, obj)
+                first = [colour, shape] if rng.random() < 0.5 else [shape, colour]
+                caption += " " + " ".join(first + rest) + ";"
+            ids = _words(collator, caption) + [collator.tokenizer.eos_token_id]
+            items.append(Item(_labelled_after(prompt, ids, pixel_values, image.image_id, collator), ()))
+    return items
+
+
+def caption_test_items(images: list, collator: TrainingCollator) -> list[Item]:
+    """Per object: «фон X. {colour}» -> its shape, and «фон X. {shape}» -> its colour."""
+    items = []
+    for image, picture in images:
+        prompt, pixel_values = _image_prompt(collator, picture)
+        background = image.scene.background.nom["m"]
+        for obj in image.scene.objects:
+            colour, shape, *_ = _object_words(image.scene, obj)
+            for given, asked, kind in ((colour, shape, "shape after colour"), (shape, colour, "colour after shape")):
+                context = prompt + _words(collator, f" фон {background}. {given}")
+                target = _words(collator, " " + asked)
+                encoded = _labelled_after(context, target, pixel_values, image.image_id, collator)
+                items.append(Item(encoded, ((kind, "other"),)))
+    return items
+
+
 def pad(items: list[Item], collator: TrainingCollator) -> dict[str, torch.Tensor]:
     batch = collator.pad([item.encoded for item in items])
-    return {key: batch[key] for key in MODEL_INPUTS}
+    keys = MODEL_INPUTS if any(item.encoded.image_tokens for item in items) else MODEL_INPUTS[:-1]
+    return {key: batch[key] for key in keys}
 
 
 @torch.no_grad()
@@ -188,26 +283,47 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     train_images = synthetic_images("train", args.train_questions, templates, args.seed)
     test_images = synthetic_images("testdev", args.test_questions, templates, args.seed)
 
-    def items(images: list, fmt: str) -> list[Item]:
-        return word_items(images, collator) if fmt == "word" else chat_items(images, collator, args.questions_per_sequence)
+    def items(images: list, fmt: str, held_out: bool) -> list[Item]:
+        if fmt == "word":
+            return word_items(images, collator)
+        if fmt == "text":
+            return text_items(images, collator, args.questions_per_sequence)
+        if fmt == "caption":
+            return caption_test_items(images, collator) if held_out else caption_items(images, collator, args.seed)
+        return chat_items(images, collator, args.questions_per_sequence)
 
-    stages = [(args.format, args.steps)] + ([("chat", args.then_chat)] if args.then_chat else [])
-    log = []
-    for fmt, steps in stages:
-        test = items(test_images, fmt)
-        log += train(model, items(train_images, fmt), steps, args.lr, args.batch_size, collator, args.seed,
-                     test=test, label=fmt)  # fmt: skip
-    return {"settings": vars(args), "log": log, "held_out": exact_match(model, test, collator)}
+    log, stages = [], []
+    for fmt, steps in args.stages:
+        test = items(test_images, fmt, held_out=True)
+        log += train(model, items(train_images, fmt, held_out=False), steps, args.lr, args.batch_size, collator,
+                     args.seed, test=test, label=fmt)  # fmt: skip
+        stages.append({"format": fmt, "steps": steps, "held_out": exact_match(model, test, collator)})
+    return {"settings": vars(args), "log": log, "stages": stages}
+
+
+FORMATS = ("chat", "word", "text", "caption")
+
+
+def _stages(text: str) -> list[tuple[str, int]]:
+    """«word:400,chat:400» -> [("word", 400), ("chat", 400)]."""
+    stages = []
+    for part in text.split(","):
+        fmt, _, steps = part.partition(":")
+        if fmt not in FORMATS or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r} is not FORMAT:STEPS with FORMAT one of {', '.join(FORMATS)}")
+        stages.append((fmt, int(steps)))
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/tiny-llava", help="a tiny model from `gqaru tiny-model`")
     parser.add_argument("--templates", default="", help="comma-separated synth template names (default: all)")
-    parser.add_argument("--format", choices=["chat", "word"], default="chat")
-    parser.add_argument("--then-chat", type=int, default=0, metavar="STEPS", help="a second stage in chat format")
+    parser.add_argument(
+        "--stages", type=_stages, default=[("chat", 650)], metavar="FORMAT:STEPS,...",
+        help=f"training stages in order, each a format ({', '.join(FORMATS)}) and its steps (default chat:650)",
+    )
     parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="lora: the demo's LoRA section")
-    parser.add_argument("--steps", type=int, default=650)
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-3 for lora, 1e-3 for full")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--questions-per-sequence", type=int, default=1)
@@ -221,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         args.lr = 2e-3 if args.mode == "lora" else 1e-3
     torch.set_num_threads(args.threads)
     result = probe(args)
-    for key, value in result["held_out"].items():
-        print(f"{key:22s} {value['n']:6d} {value['accuracy']:.3f}")
+    for stage in result["stages"]:
+        print(f"held out after {stage['format']}:{stage['steps']}")
+        for key, value in stage["held_out"].items():
+            print(f"  {key:22s} {value['n']:6d} {value['accuracy']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     return 0

@@ -92,6 +92,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return score_command(args.predictions, against=args.against, out=args.out)
 
 
+def _cmd_blind_baseline(args: argparse.Namespace) -> int:
+    from gqaru.baseline import blind_baseline_command
+
+    return blind_baseline_command(args.train, args.questions, args.out)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -169,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--against", default=None, help="another predictions.jsonl to compare with")
     score.add_argument("--out", default=None, help="write the metrics JSON here")
     score.set_defaults(handler=_cmd_score)
+
+    blind = commands.add_parser(
+        "blind-baseline",
+        help="answer an evaluation's questions from the training answers alone (no image, no model)",
+    )
+    blind.add_argument("--train", required=True, help="training shards to count the answer prior from")
+    blind.add_argument(
+        "--questions", required=True, help="a predictions.jsonl whose questions to answer (e.g. the run to compare)"
+    )
+    blind.add_argument("--out", required=True, help="predictions.jsonl to write")
+    blind.set_defaults(handler=_cmd_blind_baseline)
     return parser
 
 

@@ -147,7 +147,7 @@ def test_quick_run_writes_every_entry_in_the_shared_format(tmp_path: Path) -> No
 def test_learning_probe_grounds_a_colour_word_in_its_own_image(tiny_model_dir: Path) -> None:
     """The vision path carries per-object content to a text position that asks for it.
 
-    One hop (`learning_probe --format word`): image, then a colour word, answered «да»/«нет» by
+    One hop (`learning_probe --stages word:400`): image, then a colour word, answered «да»/«нет» by
     whether a figure of that colour is in the picture. 400 full fine-tuning steps reach ~0.89 on
     held-out images (chance 0.50). Paired with other questions' images the same model falls back
     to chance, so the score comes from each question's own image, not from the word alone.
@@ -175,3 +175,46 @@ def test_learning_probe_grounds_a_colour_word_in_its_own_image(tiny_model_dir: P
     other_images = probe.exact_match(model, swapped, collator)["_all"]["accuracy"]
     assert own_images >= 0.75, own_images
     assert other_images <= 0.6, other_images
+
+
+def test_learning_probe_text_and_caption_formats_train_exactly_their_answers(tiny_model_dir: Path) -> None:
+    """The control (`text`: the scene in words instead of the image) and the caption format label
+    exactly what they claim, and the text control carries no image at all."""
+    import learning_probe as probe
+    from gqaru.collate import IGNORE_INDEX, TrainingCollator
+    from gqaru.modeling import load_processor
+
+    collator = TrainingCollator(load_processor(tiny_model_dir))
+    tokenizer = collator.tokenizer
+    images = probe.synthetic_images("train", 60, None, seed=3)
+
+    def labelled(item: probe.Item) -> str:
+        return tokenizer.decode([token for token in item.encoded.labels if token != IGNORE_INDEX])
+
+    text = probe.text_items(images, collator, questions_per_sequence=4)
+    assert sum(len(item.types) for item in text) == sum(len(image.rows) for image, _ in images)
+    first_image, _ = images[0]
+    first = text[0]
+    assert collator.image_token_id not in first.encoded.input_ids and first.encoded.image_tokens == 0
+    assert probe.scene_text(first_image.scene) in tokenizer.decode(first.encoded.input_ids)
+    answers = [row["answer"] for row in first_image.rows[: len(first.types)]]
+    assert labelled(first) == "".join(f"{answer}<end_of_turn>" for answer in answers)
+    batch = probe.pad(text[:3], collator)
+    assert "pixel_values" not in batch and batch["input_ids"].shape == batch["labels"].shape
+
+    captions = probe.caption_items(images[:2], collator, seed=0)
+    scene = images[0][0].scene
+    caption = labelled(captions[0]).strip()
+    assert caption.startswith(f"фон {scene.background.nom['m']}.") and caption.endswith("<eos>")
+    for obj in scene.objects:  # every object is described, with its side and size
+        assert obj.shape.nom in caption and obj.color.nom[obj.shape.gender] in caption
+    assert caption.count(";") == len(scene.objects)
+    held_out = probe.caption_test_items(images[:2], collator)
+    objects = sum(len(image.scene.objects) for image, _ in images[:2])
+    kinds = [kind for item in held_out for kind, _ in item.types]
+    assert kinds == ["shape after colour", "colour after shape"] * objects
+    first_object = scene.objects[0]
+    assert [labelled(item).strip() for item in held_out[:2]] == [
+        first_object.shape.nom,
+        first_object.color.nom[first_object.shape.gender],
+    ]

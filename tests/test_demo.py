@@ -1,5 +1,6 @@
 """The demo's pipeline end to end through the same commands `make demo` runs, at a small size:
-synth -> tiny model -> shards -> evaluate untrained -> train -> evaluate trained -> score --against."""
+synth -> tiny model -> shards -> evaluate untrained -> train -> evaluate trained -> score --against,
+then the blind baseline and the score against it."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def test_demo_pipeline_trained_beats_untrained_on_the_paired_test(tmp_path: Path
     # The trained model answers in the task's format: one short answer, no chat debris.
     predictions = [json.loads(line) for line in (tmp_path / "runs/demo-trained/predictions.jsonl").read_text().splitlines()]
     assert all(record["prediction"] and len(record["prediction"].split()) <= 3 for record in predictions)
+
+    # The demo's last step: the same comparison against the blind baseline (train answers only).
+    gqaru("gqaru.cli", "blind-baseline", "--train", "shards/demo-train", "--questions", "runs/demo-trained/predictions.jsonl",
+          "--out", "runs/demo-blind/predictions.jsonl", cwd=tmp_path)  # fmt: skip
+    printed = gqaru(
+        "gqaru.cli", "score", "runs/demo-trained/predictions.jsonl",
+        "--against", "runs/demo-blind/predictions.jsonl", "--out", "blind.json", cwd=tmp_path,
+    )  # fmt: skip
+    blind = json.loads((tmp_path / "blind.json").read_text())["comparison"]
+    assert blind["n_shared"] == 400 and blind["labels"]["a"] == "runs/demo-blind/predictions.jsonl"
