@@ -96,21 +96,35 @@ def chat_items(images: list, collator: TrainingCollator, questions_per_sequence:
     return items
 
 
+def _image_prompt(collator: TrainingCollator, picture: Image.Image) -> tuple[list[int], torch.Tensor]:
+    pixel_values = collator.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0]
+    return [collator.tokenizer.bos_token_id] + [collator.image_token_id] * collator.image_tokens, pixel_values
+
+
+def _words(collator: TrainingCollator, text: str) -> list[int]:
+    return collator.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _labelled_after(
+    context: list[int], target: list[int], pixel_values: torch.Tensor, sequence_id: str, collator: TrainingCollator
+) -> EncodedSequence:
+    """`context` + `target`, with labels on the target tokens only; `sequence_id` is the question
+    (or, for a caption, the image) the sequence is counted as."""
+    labels = [IGNORE_INDEX] * len(context) + target
+    return EncodedSequence(context + target, labels, pixel_values, (sequence_id,), collator.image_tokens)
+
+
 def word_items(images: list, collator: TrainingCollator) -> list[Item]:
     """`<bos>` + image + the colour word of the question -> its answer, one question per sequence."""
-    tokenizer = collator.tokenizer
     items = []
     for image, picture in images:
-        pixel_values = collator.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0]
+        prompt, pixel_values = _image_prompt(collator, picture)
         for row in image.rows:
             words = [word for word in row["question"].rstrip("?").split() if word.lower() in COLOUR_WORDS]
             if len(words) != 1:
                 raise ValueError(f"the word format needs one colour word per question; got {row['question']!r}")
-            prompt = [tokenizer.bos_token_id] + [collator.image_token_id] * collator.image_tokens
-            prompt += tokenizer(" " + words[0].lower(), add_special_tokens=False).input_ids
-            answer = tokenizer(" " + row["answer"], add_special_tokens=False).input_ids
-            labels = [IGNORE_INDEX] * len(prompt) + answer
-            encoded = EncodedSequence(prompt + answer, labels, pixel_values, (row["id"],), collator.image_tokens)
+            context = prompt + _words(collator, " " + words[0].lower())
+            encoded = _labelled_after(context, _words(collator, " " + row["answer"]), pixel_values, row["id"], collator)
             items.append(Item(encoded, (_types(row),)))
     return items
 
@@ -148,23 +162,6 @@ def text_items(images: list, collator: TrainingCollator, questions_per_sequence:
             encoded = EncodedSequence(input_ids, labels, NO_IMAGE, question_ids, 0)
             items.append(Item(encoded, tuple(_types(question) for question in questions)))
     return items
-
-
-def _image_prompt(collator: TrainingCollator, picture: Image.Image) -> tuple[list[int], torch.Tensor]:
-    pixel_values = collator.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0]
-    return [collator.tokenizer.bos_token_id] + [collator.image_token_id] * collator.image_tokens, pixel_values
-
-
-def _words(collator: TrainingCollator, text: str) -> list[int]:
-    return collator.tokenizer(text, add_special_tokens=False).input_ids
-
-
-def _labelled_after(
-    context: list[int], target: list[int], pixel_values: torch.Tensor, image_id: str, collator: TrainingCollator
-) -> EncodedSequence:
-    """`context` + `target`, with labels on the target tokens only."""
-    labels = [IGNORE_INDEX] * len(context) + target
-    return EncodedSequence(context + target, labels, pixel_values, (image_id,), collator.image_tokens)
 
 
 def caption_items(images: list, collator: TrainingCollator, seed: int, per_image: int = 2) -> list[Item]:

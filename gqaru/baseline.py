@@ -29,6 +29,7 @@ from typing import Any
 
 from gqaru.metrics import PredictionsError, exact_match, normalize_lmms_eval, read_predictions, write_predictions
 
+
 def question_key(question: str) -> str:
     """The prior's key for a question text: the headline normalisation, whitespace collapsed."""
     return " ".join(normalize_lmms_eval(question).split())

@@ -1085,13 +1085,14 @@ def generate_split(
         raise ValueError(f"the {split} split needs a positive number of questions, got {questions}")
     chosen = TEMPLATES
     if templates is not None:
-        unknown = sorted(set(templates) - {spec.name for spec in TEMPLATES})
+        names = set(templates)
+        unknown = sorted(names - {spec.name for spec in TEMPLATES})
         if unknown or not templates:
             raise ValueError(
                 f"unknown synthetic question templates {unknown or '(none given)'}; "
                 f"choose from {[spec.name for spec in TEMPLATES]}"
             )
-        chosen = tuple(spec for spec in TEMPLATES if spec.name in set(templates))
+        chosen = tuple(spec for spec in TEMPLATES if spec.name in names)
     rng = random.Random(_split_seed(seed, split))
     balancer = _YesNoBalancer()
     low, high = QUESTIONS_PER_IMAGE[split]

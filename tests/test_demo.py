@@ -54,7 +54,7 @@ def test_demo_pipeline_trained_beats_untrained_on_the_paired_test(tmp_path: Path
     # The demo's last step: the same comparison against the blind baseline (train answers only).
     gqaru("gqaru.cli", "blind-baseline", "--train", "shards/demo-train", "--questions", "runs/demo-trained/predictions.jsonl",
           "--out", "runs/demo-blind/predictions.jsonl", cwd=tmp_path)  # fmt: skip
-    printed = gqaru(
+    gqaru(
         "gqaru.cli", "score", "runs/demo-trained/predictions.jsonl",
         "--against", "runs/demo-blind/predictions.jsonl", "--out", "blind.json", cwd=tmp_path,
     )  # fmt: skip
