@@ -17,12 +17,19 @@ Formats, one per stage (`--stages FORMAT:STEPS,...` runs them in order on one mo
 * `text` — the control: the chat format with the image replaced by the scene written out in words
   («фон белый; красный круг слева вверху большой; ...»). Perfect perception, so what it cannot
   learn is the language model's part, not the vision path's.
+* `copy` — the chat format, but the model answers with the question's own content words (colour,
+  shape, size, background and place words, in question order) instead of the answer: a reading
+  stage that builds the second hop (the answer position reads the question) without the image and
+  without the task's answers. Questions with no such word are left out.
 * `caption` — `<bos>` + image + a caption of every object in random order, colour and shape
   words in random order, then side and size; every caption token is trained (LLaVA's stage-1
   kind of data). Held out: each object's shape after its colour word, and its colour after its shape word.
 
     python benchmarks/learning_probe.py --templates verify_exist_color --stages chat:650 --mode full
     python benchmarks/learning_probe.py --templates verify_exist_color --stages word:400,chat:400 --mode full
+    python benchmarks/learning_probe.py --templates verify_exist_color --stages copy:300,chat:600 --mode full
+    python benchmarks/learning_probe.py --templates verify_exist_color --stages copy:300,word:400,chat:600 \
+        --mode lora --base-stages 2
     python benchmarks/learning_probe.py --stages text:1000 --mode full
     python benchmarks/learning_probe.py --stages caption:2500,chat:650 --mode full --train-questions 80000
 
@@ -32,6 +39,7 @@ Measured numbers are in the README of this directory ("Learning probes").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import random
@@ -62,6 +70,19 @@ from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa:
 from gqaru.prompts import TokenizedConversation  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}
+
+
+def _forms(adjective: synth.Adjective) -> set[str]:
+    return {*adjective.nom.values(), *adjective.gen.values(), adjective.ins}
+
+
+# Every form of a word that names what a scene holds: what the `copy` format answers with.
+CONTENT_WORDS = frozenset(
+    set().union(*(_forms(adjective) for adjective, _ in synth.COLORS + synth.BACKGROUNDS))
+    | set().union(*(_forms(adjective) for adjective in synth.SIZES))
+    | {form for shape in synth.SHAPES for form in (shape.nom, shape.gen, shape.ins)}
+    | {"слева", "справа", "вверху", "внизу", "над", "под"}
+)
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
@@ -94,6 +115,22 @@ def chat_items(images: list, collator: TrainingCollator, questions_per_sequence:
             types = tuple(_types(question) for question in questions)
             items.append(Item(encoded, types))
     return items
+
+
+def content_words(question: str) -> list[str]:
+    """The words of `question` that name scene content, lower-cased, in question order."""
+    words = (word.strip("?,.").lower() for word in question.split())
+    return [word for word in words if word in CONTENT_WORDS]
+
+
+def copy_items(images: list, collator: TrainingCollator, questions_per_sequence: int) -> list[Item]:
+    """The chat format with each answer replaced by the question's `content_words`."""
+    copied = []
+    for image, picture in images:
+        rows = [{**row, "answer": " ".join(words)} for row in image.rows if (words := content_words(row["question"]))]
+        if rows:
+            copied.append((dataclasses.replace(image, rows=rows), picture))
+    return chat_items(copied, collator, questions_per_sequence)
 
 
 def _image_prompt(collator: TrainingCollator, picture: Image.Image) -> tuple[list[int], torch.Tensor]:
@@ -274,8 +311,6 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     processor = load_processor(args.model)
     collator = TrainingCollator(processor)
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-    if args.mode == "lora":
-        model = apply_lora(model, load_config(REPO_ROOT / "configs/demo_train.yaml").lora)
     templates = args.templates.split(",") if args.templates else None
     train_images = synthetic_images("train", args.train_questions, templates, args.seed)
     test_images = synthetic_images("testdev", args.test_questions, templates, args.seed)
@@ -285,20 +320,26 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             return word_items(images, collator)
         if fmt == "text":
             return text_items(images, collator, args.questions_per_sequence)
+        if fmt == "copy":
+            return copy_items(images, collator, args.questions_per_sequence)
         if fmt == "caption":
             return caption_test_items(images, collator) if held_out else caption_items(images, collator, args.seed)
         return chat_items(images, collator, args.questions_per_sequence)
 
     log, stages = [], []
-    for fmt, steps in args.stages:
+    for index, (fmt, steps) in enumerate(args.stages):
+        lora = args.mode == "lora" and index >= args.base_stages
+        if lora and index == args.base_stages:
+            model = apply_lora(model, load_config(REPO_ROOT / "configs/demo_train.yaml").lora)
+        lr = args.lr or (2e-3 if lora else 1e-3)
         test = items(test_images, fmt, held_out=True)
-        log += train(model, items(train_images, fmt, held_out=False), steps, args.lr, args.batch_size, collator,
+        log += train(model, items(train_images, fmt, held_out=False), steps, lr, args.batch_size, collator,
                      args.seed, test=test, label=fmt)  # fmt: skip
         stages.append({"format": fmt, "steps": steps, "held_out": exact_match(model, test, collator)})
     return {"settings": vars(args), "log": log, "stages": stages}
 
 
-FORMATS = ("chat", "word", "text", "caption")
+FORMATS = ("chat", "word", "text", "copy", "caption")
 
 
 def _stages(text: str) -> list[tuple[str, int]]:
@@ -321,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"training stages in order, each a format ({', '.join(FORMATS)}) and its steps (default chat:650)",
     )
     parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="lora: the demo's LoRA section")
-    parser.add_argument("--lr", type=float, default=None, help="default: 2e-3 for lora, 1e-3 for full")
+    parser.add_argument(
+        "--base-stages", type=int, default=0, metavar="N",
+        help="with --mode lora: the first N stages train the whole model (a pretrained base), the rest LoRA",
+    )
+    parser.add_argument("--lr", type=float, default=None, help="default: 2e-3 for LoRA stages, 1e-3 for full ones")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--questions-per-sequence", type=int, default=1)
     parser.add_argument("--train-questions", type=int, default=20000)
@@ -330,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    if args.lr is None:
-        args.lr = 2e-3 if args.mode == "lora" else 1e-3
+    if not 0 <= args.base_stages <= len(args.stages):
+        parser.error(f"--base-stages {args.base_stages}: there are {len(args.stages)} stages")
     torch.set_num_threads(args.threads)
     result = probe(args)
     for stage in result["stages"]:

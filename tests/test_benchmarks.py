@@ -177,6 +177,31 @@ def test_learning_probe_grounds_a_colour_word_in_its_own_image(tiny_model_dir: P
     assert other_images <= 0.6, other_images
 
 
+def test_learning_probe_copy_format_answers_with_the_questions_content_words(tiny_model_dir: Path) -> None:
+    """The reading stage (`copy`) keeps image and question and labels only the question's content
+    words, in order; a question with none (the background's colour) is left out, not emptied."""
+    import learning_probe as probe
+    from gqaru.collate import IGNORE_INDEX, TrainingCollator
+    from gqaru.modeling import load_processor
+
+    assert probe.content_words("Есть ли на картинке красная фигура?") == ["красная"]
+    assert probe.content_words("Какая фигура находится слева от круга?") == ["слева", "круга"]
+    assert probe.content_words("Каким цветом нарисовано сердце?") == ["сердце"]
+    assert probe.content_words("Какого цвета фон?") == []
+
+    collator = TrainingCollator(load_processor(tiny_model_dir))
+    images = probe.synthetic_images("train", 60, None, seed=3)
+    items = probe.copy_items(images, collator, questions_per_sequence=1)
+    kept = [row for image, _ in images for row in image.rows if probe.content_words(row["question"])]
+    assert 0 < len(kept) < sum(len(image.rows) for image, _ in images)
+    assert len(items) == len(kept)
+    for item, row in zip(items[:20], kept):
+        labelled = collator.tokenizer.decode([token for token in item.encoded.labels if token != IGNORE_INDEX])
+        assert labelled == " ".join(probe.content_words(row["question"])) + "<end_of_turn>"
+        assert item.encoded.image_tokens == collator.image_tokens and item.encoded.pixel_values.numel()
+        assert row["question"] in collator.tokenizer.decode(item.encoded.input_ids)
+
+
 def test_learning_probe_text_and_caption_formats_train_exactly_their_answers(tiny_model_dir: Path) -> None:
     """The control (`text`: the scene in words instead of the image) and the caption format label
     exactly what they claim, and the text control carries no image at all."""
