@@ -331,7 +331,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         lora = args.mode == "lora" and index >= args.base_stages
         if lora and index == args.base_stages:
             model = apply_lora(model, load_config(REPO_ROOT / "configs/demo_train.yaml").lora)
-        lr = args.lr or (2e-3 if lora else 1e-3)
+        lr = args.lr if args.lr is not None else (2e-3 if lora else 1e-3)
         test = items(test_images, fmt, held_out=True)
         log += train(model, items(train_images, fmt, held_out=False), steps, lr, args.batch_size, collator,
                      args.seed, test=test, label=fmt)  # fmt: skip
