@@ -67,22 +67,10 @@ from gqaru.collate import (  # noqa: E402
 )
 from gqaru.config import load_config  # noqa: E402
 from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa: E402
+from gqaru.pretrain import content_words  # noqa: E402
 from gqaru.prompts import TokenizedConversation  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}
-
-
-def _forms(adjective: synth.Adjective) -> set[str]:
-    return {*adjective.nom.values(), *adjective.gen.values(), adjective.ins}
-
-
-# Every form of a word that names what a scene holds: what the `copy` format answers with.
-CONTENT_WORDS = frozenset(
-    set().union(*(_forms(adjective) for adjective, _ in synth.COLORS + synth.BACKGROUNDS))
-    | set().union(*(_forms(adjective) for adjective in synth.SIZES))
-    | {form for shape in synth.SHAPES for form in (shape.nom, shape.gen, shape.ins)}
-    | {"слева", "справа", "вверху", "внизу", "над", "под"}
-)
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
@@ -115,12 +103,6 @@ def chat_items(images: list, collator: TrainingCollator, questions_per_sequence:
             types = tuple(_types(question) for question in questions)
             items.append(Item(encoded, types))
     return items
-
-
-def content_words(question: str) -> list[str]:
-    """The words of `question` that name scene content, lower-cased, in question order."""
-    words = (word.strip("?,.").lower() for word in question.split())
-    return [word for word in words if word in CONTENT_WORDS]
 
 
 def copy_items(images: list, collator: TrainingCollator, questions_per_sequence: int) -> list[Item]:

@@ -6,6 +6,7 @@ Imports of the heavy modules happen inside each handler, so `gqaru --help` answe
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -22,13 +23,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from gqaru.synth import write_synthetic_gqa
+    from gqaru.synth import resolve_templates, write_synthetic_gqa
 
+    try:
+        templates = resolve_templates(args.templates)
+    except ValueError as error:
+        print(f"gqaru synth: {error}", file=sys.stderr)
+        return 2
     summary = write_synthetic_gqa(
         args.out,
         train_questions=args.train_questions,
         testdev_questions=args.testdev_questions,
         seed=args.seed,
+        templates=templates,
     )
     for split, counts in summary.items():
         print(f"{split}: {counts['questions']} questions over {counts['images']} images")
@@ -37,10 +44,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from gqaru.tiny import build_tiny_model
+    from gqaru.tiny import BUILD_INFO_FILE, build_tiny_model
 
-    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed)
+    if args.pretrain_steps < 0:
+        raise SystemExit(f"--pretrain-steps must be 0 or more, got {args.pretrain_steps}")
+    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"wrote a tiny LLaVA ({args.preset}) to {out}")
+    report = json.loads((out / BUILD_INFO_FILE).read_text(encoding="utf-8"))["pretraining"]
+    if report:
+        print(f"pretrained {report['steps']} steps in {report['seconds']:.0f} s; held-out word accuracy:")
+        for key, value in report["held_out_word_accuracy"].items():
+            print(f"  {key:22s} {value:.3f}")
     return 0
 
 
@@ -124,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-questions", type=_positive_int, default=4000)
     synth.add_argument("--testdev-questions", type=_positive_int, default=1000)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--templates",
+        default="all",
+        help="which questions: a set (all: the 36-template GQA-like mix; one-hop: one object named by "
+        "its colour, or the whole image) or template names separated by commas",
+    )
     synth.set_defaults(handler=_cmd_synth)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny LLaVA + tokenizer + processor locally")
@@ -136,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with a narrow width (benchmarks)",
     )
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="train the random model this many steps on image grounding first (gqaru/pretrain.py), "
+        "so that LoRA has a base to adapt; 0 keeps the random weights (default)",
+    )
     tiny.set_defaults(handler=_cmd_tiny_model)
 
     shards = commands.add_parser("shards", help="build or inspect webdataset shards")

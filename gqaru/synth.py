@@ -47,6 +47,11 @@ __all__ = [
     "training_corpus",
     "generate_split",
     "draw_scene",
+    "random_scenes",
+    "scene_questions",
+    "resolve_templates",
+    "TEMPLATE_SETS",
+    "place_words",
     "SyntheticImage",
     "write_synthetic_gqa",
 ]
@@ -959,6 +964,44 @@ TEMPLATES: tuple[TemplateSpec, ...] = (
 )
 
 
+# Named question sets for `gqaru synth --templates`. "all" is the GQA-like mix of 36 templates.
+# "one-hop" keeps the questions that name one object by its colour, or ask about the whole image:
+# each needs one look at the image, and a 2-layer tiny LLaVA learns them in a demo's budget, where
+# the full mix's relations, comparisons and logic sit near the blind baseline (benchmarks/README.md).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "all": tuple(spec.name for spec in TEMPLATES),
+    "one-hop": (
+        "verify_exist_color",
+        "query_size_by_color",
+        "query_side_by_color",
+        "verify_side_by_color",
+        "choose_side_by_color",
+        "query_category",
+        "query_background",
+        "verify_background",
+        "choose_background",
+    ),
+}
+
+
+def resolve_templates(text: str) -> tuple[str, ...]:
+    """«one-hop» or «all» (a `TEMPLATE_SETS` name), or template names separated by commas.
+
+    Raises:
+        ValueError: a name that is neither a set nor a template (the message lists both).
+    """
+    if text in TEMPLATE_SETS:
+        return TEMPLATE_SETS[text]
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in TEMPLATE_SETS["all"]]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown question templates {unknown or '(none given)'}: give a set ({', '.join(TEMPLATE_SETS)}) "
+            f"or template names from {list(TEMPLATE_SETS['all'])}"
+        )
+    return names
+
+
 class _YesNoBalancer:
     """Per template, asks for whichever answer ("да"/"нет") it has produced less often so far.
 
@@ -1117,6 +1160,27 @@ def generate_split(
         if image.rows:
             images.append(image)
     return images
+
+
+def random_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """`count` scenes as the splits draw them, from a random stream of their own (no questions).
+
+    The stream is neither split's, so these scenes are not the images of any `gqaru synth` output
+    with the same seed (the tiny model's pretraining draws its images here).
+    """
+    rng = random.Random(_split_seed(seed, "scenes"))
+    return [_random_scene(rng, first_object_number=index * 10, min_objects=2) for index in range(count)]
+
+
+def scene_questions(scene: Scene, rng: random.Random, count: int) -> list[str]:
+    """Up to `count` questions about `scene` from every template, as text only: no answers."""
+    return [question.question for question in _questions_for_scene(scene, rng, count, _YesNoBalancer())]
+
+
+def place_words(scene: Scene, obj: SceneObject) -> tuple[str, str]:
+    """Where `obj` is, in the questions' words: («слева» | «справа» | «посередине»,
+    «вверху» | «внизу» | «в центре»)."""
+    return _side(scene, obj) or "посередине", _vertical(scene, obj) or "в центре"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1295,7 +1359,7 @@ def _write_split(directory: Path, split: str, images: list[SyntheticImage]) -> d
     }
 
 
-def _readme(sizes: dict[str, dict[str, dict[str, int]]], seed: int) -> str:
+def _readme(sizes: dict[str, dict[str, dict[str, int]]], seed: int, templates: Collection[str] | None) -> str:
     """The dataset card: YAML `dataset_info` + `configs` (as in the hub repo) and a short note."""
     import yaml
 
@@ -1332,6 +1396,10 @@ def _readme(sizes: dict[str, dict[str, dict[str, int]]], seed: int) -> str:
         "real GQA-ru accuracy.",
         "",
     ]
+    if templates is not None and set(templates) != set(TEMPLATE_SETS["all"]):
+        named = next((name for name, members in TEMPLATE_SETS.items() if set(members) == set(templates)), None)
+        listed = ", ".join(sorted(templates))
+        lines += [f"Question templates: {f'the {named!r} set ({listed})' if named else listed}.", ""]
     for split in SPLITS:
         questions, images = sizes[split]["instructions"]["num_examples"], sizes[split]["images"]["num_examples"]
         lines.append(f"- {split}: {questions} questions over {images} images")
@@ -1359,8 +1427,11 @@ def write_synthetic_gqa(
     train_questions: int = 4000,
     testdev_questions: int = 1000,
     seed: int = 0,
+    templates: Collection[str] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write the synthetic GQA-ru to `out_dir` in the hub repo's layout; return the counts per split.
+
+    `templates` restricts the questions to those templates (`resolve_templates`); None asks all.
 
     Exactly `train_questions` / `testdev_questions` question rows are written (images hold ≈13 and
     ≈31 questions; the last image of a split holds the remainder). Layout::
@@ -1388,9 +1459,10 @@ def write_synthetic_gqa(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         sizes = {
-            split: _write_split(staging, split, generate_split(split, counts[split], seed=seed)) for split in SPLITS
+            split: _write_split(staging, split, generate_split(split, counts[split], seed=seed, templates=templates))
+            for split in SPLITS
         }
-        (staging / "README.md").write_text(_readme(sizes, seed), encoding="utf-8")
+        (staging / "README.md").write_text(_readme(sizes, seed, templates), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the output is an ordinary directory
         if out.exists():
             shutil.rmtree(out)

@@ -520,8 +520,13 @@ def build_tiny_model(
     *,
     dtype: torch.dtype = torch.float32,
     corpus: Sequence[str] | None = None,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Build model, tokenizer and processor for `preset` and `save_pretrained` them into `out_dir`.
+
+    `pretrain_steps` > 0 trains the random model on grounding data first (`gqaru.pretrain`), so
+    that LoRA has a base to adapt, as it has in the real run; the held-out report of that run is
+    kept in `tiny_model.json`. 0 (the tests' default) keeps the random weights.
 
     The directory is written whole under a temporary name and renamed into place, so a crash never
     leaves half a model; an existing `out_dir` is replaced only if it is empty or an earlier build
@@ -545,6 +550,11 @@ def build_tiny_model(
     tokenizer = train_tokenizer(texts)
     processor = build_processor(tokenizer, dims)
     model = build_model(dims, tokenizer, seed=seed, dtype=dtype)
+    pretraining = None
+    if pretrain_steps:
+        from gqaru.pretrain import pretrain
+
+        pretraining = pretrain(model, processor, pretrain_steps, seed=seed)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -562,6 +572,7 @@ def build_tiny_model(
             "tokenizer_size": len(tokenizer),
             "tokenizer_corpus_lines": len(texts),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "pretraining": pretraining,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -323,3 +323,25 @@ def test_generate_split_can_restrict_templates() -> None:
     assert details == {"existAttr", "backgroundColor"}
     with pytest.raises(ValueError, match="unknown synthetic question templates \\['verify_colour'\\]"):
         synth.generate_split("train", 10, templates=["verify_colour"])
+
+
+def test_cli_templates_writes_only_that_set_and_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "one-hop"
+    assert cli_main(["synth", "--out", str(out), "--train-questions", "300", "--testdev-questions", "100",
+                     "--templates", "one-hop"]) == 0  # fmt: skip
+    # One object named by its colour (exists? size, side, shape) or the whole image (background).
+    one_hop = {"existAttr", "directOf", "positionQuery", "positionVerify", "positionChoose", "categoryThat",
+               "backgroundColor", "backgroundVerify", "chooseGlobal"}  # fmt: skip
+    for split, count in (("train", 300), ("testdev", 100)):
+        rows = _load(out, f"{split}_balanced_instructions", split)
+        assert len(rows) == count
+        assert {row["types"]["detailed"] for row in rows} <= one_hop
+        # directOf and the position types also come from shape-named templates: not in this set.
+        assert all("фигур" in row["question"] or "фон" in row["question"].lower() for row in rows)
+    assert "Question templates: the 'one-hop' set" in (out / "README.md").read_text(encoding="utf-8")
+    assert synth.resolve_templates("query_background, verify_background") == ("query_background", "verify_background")
+    capsys.readouterr()
+    assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--templates", "one_hop"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown question templates ['one_hop']" in error and "one-hop" in error and "query_color" in error
+    assert not (tmp_path / "bad").exists()
