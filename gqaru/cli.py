@@ -46,8 +46,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from gqaru.tiny import BUILD_INFO_FILE, build_tiny_model
 
-    if args.pretrain_steps < 0:
-        raise SystemExit(f"--pretrain-steps must be 0 or more, got {args.pretrain_steps}")
     out = build_tiny_model(args.out, preset=args.preset, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"wrote a tiny LLaVA ({args.preset}) to {out}")
     report = json.loads((out / BUILD_INFO_FILE).read_text(encoding="utf-8"))["pretraining"]
@@ -119,6 +117,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gqaru",
@@ -158,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
         "--pretrain-steps",
-        type=int,
+        type=_non_negative_int,
         default=0,
-        help="train the random model this many steps on image grounding first (gqaru/pretrain.py), "
+        help="train the random model this many steps on grounding and reading first (gqaru/pretrain.py), "
         "so that LoRA has a base to adapt; 0 keeps the random weights (default)",
     )
     tiny.set_defaults(handler=_cmd_tiny_model)

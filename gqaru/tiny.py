@@ -524,7 +524,7 @@ def build_tiny_model(
 ) -> Path:
     """Build model, tokenizer and processor for `preset` and `save_pretrained` them into `out_dir`.
 
-    `pretrain_steps` > 0 trains the random model on grounding data first (`gqaru.pretrain`), so
+    `pretrain_steps` > 0 trains the random model on grounding and reading first (`gqaru.pretrain`), so
     that LoRA has a base to adapt, as it has in the real run; the held-out report of that run is
     kept in `tiny_model.json`. 0 (the tests' default) keeps the random weights.
 

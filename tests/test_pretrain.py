@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from gqaru import synth
+from gqaru.cli import main as cli_main
 from gqaru.collate import IGNORE_INDEX, TrainingCollator
 from gqaru.pretrain import (
     ABSENT,
@@ -114,3 +115,11 @@ def test_tiny_model_pretrain_steps_are_recorded_and_the_model_loads_in_stock_tra
     assert trained.keys() == random_weights.keys()
     assert not all(torch.equal(trained[key], random_weights[key]) for key in trained)
     assert LlavaForConditionalGeneration.from_pretrained(out).num_parameters() == info["parameters"]
+
+
+def test_cli_rejects_negative_pretrain_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["tiny-model", "--out", str(tmp_path / "model"), "--pretrain-steps", "-1"])
+    assert exit_info.value.code == 2
+    assert "--pretrain-steps: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
