@@ -28,7 +28,7 @@ No answer and no image of a `gqaru synth` split is used (`synth.random_scenes` d
 a stream of their own), so the fine-tuning that follows still has to teach the answers.
 
     from gqaru.pretrain import pretrain
-    report = pretrain(model, processor, steps=2500, seed=0)
+    report = pretrain(model, processor, steps=2800, seed=0)   # what `make demo` builds
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def examples_for_scene(scene: synth.Scene, rng: random.Random) -> list[Example]:
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
+    """A pretraining example ready to batch, and where its scored words are."""
+
     sequence: EncodedSequence
     kind: str  # an `Example.kind`, or "reading"
     spans: tuple[tuple[str, int, int], ...]  # (attribute, start, end) of each scored word or answer
