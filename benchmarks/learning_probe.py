@@ -67,11 +67,10 @@ from gqaru.collate import (  # noqa: E402
 )
 from gqaru.config import load_config  # noqa: E402
 from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa: E402
-from gqaru.pretrain import content_words  # noqa: E402
+from gqaru.pretrain import MODEL_INPUTS, content_words  # noqa: E402
 from gqaru.prompts import TokenizedConversation  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
 @dataclass(frozen=True)
@@ -151,8 +150,7 @@ def word_items(images: list, collator: TrainingCollator) -> list[Item]:
 def _object_words(scene: Any, obj: Any) -> tuple[str, str, str, str, str]:
     """Colour, shape, side, row and size of an object as the questions word them."""
     gender = obj.shape.gender
-    side = synth._side(scene, obj) or "посередине"
-    row = synth._vertical(scene, obj) or "в центре"
+    side, row = synth.place_words(scene, obj)
     return obj.color.nom[gender], obj.shape.nom, side, row, obj.size.nom[gender]
 
 

@@ -219,10 +219,10 @@ def pretrain(
     and reading mixed. Returns a report of the run.
 
     Each phase has its own AdamW and cosine schedule (5% warmup); gradient clipping at 1.0, the
-    pipeline's collator and answer-only loss. Deterministic for a given seed. `scenes` (default: about one pass of the
-    steps at ~9 examples a scene, at most 3,000) are drawn for training and `held_out_scenes` more
-    for the report: the held-out word accuracy (`word_accuracy`), the first and last loss and the
-    time taken.
+    pipeline's collator and answer-only loss. Deterministic for a given seed. `scenes` (default:
+    about one pass of the steps at ~9 examples a scene, at most 3,000) are drawn for training and
+    `held_out_scenes` more for the report: the held-out word accuracy (`word_accuracy`), the first
+    and last loss and the time taken.
     """
     if steps < 1:
         raise ValueError(f"pretraining needs at least one step, got {steps}")
