@@ -21,12 +21,12 @@ DEMO_TESTDEV_SHARDS := shards/demo-testdev
 # The demo's questions: the one-hop set (one object named by its colour, or the whole image), which
 # a 2-layer tiny model learns in minutes; `gqaru synth --templates all` is the 36-template mix.
 DEMO_TEMPLATES := one-hop
-# Steps of the tiny model's pretraining (gqaru/pretrain.py): ~6 min on 2 cores, once.
+# Steps of the tiny model's pretraining (gqaru/standins/pretrain.py): ~6 min on 2 cores, once.
 DEMO_PRETRAIN_STEPS := 2800
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup tokenizers demo test bench clean-demo
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed tokenizers
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The real Gemma tokenizer for the replica of deepvk/llava-gemma-2b-lora (tests): extracted once
+# from the PyPI wheel maxtext==0.2.5 into ~/.cache/gqaru/tokenizers ($$GQARU_CACHE); a no-op after.
+tokenizers: $(VENV)/.installed
+	$(BIN)/gqaru fetch-tokenizers
+
 # The offline demo, end to end: a synthetic GQA-ru and a tiny LLaVA built here, shards, the
 # untrained model's score, LoRA training, the trained model's score and the paired comparison,
 # then the same comparison against the blind baseline (the training answers, no image).
-demo: setup $(DEMO_MODEL)/tiny_model.json
+demo: $(VENV)/.installed $(DEMO_MODEL)/tiny_model.json
 	$(BIN)/gqaru synth --out $(DEMO_DATA) --train-questions 8000 --testdev-questions 2000 --seed 0 \
 		--templates $(DEMO_TEMPLATES)
 	$(BIN)/gqaru shards build --source $(DEMO_DATA) --split train --out $(DEMO_TRAIN_SHARDS) --seed 0
@@ -54,7 +59,8 @@ demo: setup $(DEMO_MODEL)/tiny_model.json
 	$(BIN)/gqaru score runs/demo-trained/predictions.jsonl --against runs/demo-blind/predictions.jsonl
 
 # The pretrained tiny model is built once and kept; editing the code that makes it rebuilds it.
-$(DEMO_MODEL)/tiny_model.json: $(VENV)/.installed Makefile gqaru/tiny.py gqaru/pretrain.py gqaru/synth.py
+$(DEMO_MODEL)/tiny_model.json: $(VENV)/.installed Makefile gqaru/standins/tiny.py gqaru/standins/pretrain.py \
+		gqaru/standins/synth.py gqaru/prompts.py
 	$(BIN)/gqaru tiny-model --out $(DEMO_MODEL) --preset tiny --seed 0 --pretrain-steps $(DEMO_PRETRAIN_STEPS)
 
 test: setup

@@ -7,7 +7,7 @@ or `run(workdir, ...)` from benchmarks/run.py (entries in the shared format
 
 Both sides answer the same held-out synthetic testdev questions (`eval.max_samples` drawn by the
 seeded rule) with the same model on the "real-shape" tiny LLaVA (576 image tokens per image), the
-same greedy settings (at most 16 new tokens, stop at `<end_of_turn>`/`<eos>`: the
+same greedy settings (lmms-eval's: at most 16 new tokens, stop at the tokenizer's eos only: the
 `GenerationConfig` of `gqaru.evaluate.Answerer`), reading the same shards, one torch thread:
 
 - **per-question loop** (how the seed report and lmms-eval's llava loop evaluate): for each
@@ -25,8 +25,9 @@ Two models, because one alone would hide something:
   matrix (as tests/test_evaluate.py does). An untrained model answers "\\n" to everything, which
   would make "identical answers" vacuous; the noisy one answers differently per question and runs
   to the 16-token limit, so every generated token is compared. It is the identity check.
-- "trained": the model gqaru trained in P1 (adapter merged): real answer lengths (an answer word
-  and `<end_of_turn>`), so its speed ratio is the headline; its answers are compared too.
+- "trained": the model gqaru trained in P1 (adapter merged): real answer lengths (an answer word,
+  then whatever the model says until `<eos>` or the 16-token limit), so its speed ratio is the
+  headline; its answers are compared too.
 The goal is met when the trained model's ratio is >= 10 and BOTH models give >= 99.5% identical
 answers.
 """
@@ -139,9 +140,11 @@ def answer_per_question(model_dir: str, shards: str, settings: dict[str, Any], r
         images += 1
         for qa in sample["meta"]["qa"]:
             before = time.perf_counter()
-            messages = [{"role": "user", "content": f"<image>\n{qa['question'].strip()}\n{INSTRUCTION}"}]
+            messages = [{"role": "user", "content": f"<image>\n{qa['question']}\n{INSTRUCTION}"}]
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            inputs = processor(text=[prompt], images=[sample["image"]], return_tensors="pt", add_special_tokens=False)
+            # One <bos>: the tiny model's template writes it, so the tokenizer must not add another.
+            add_bos = not prompt.startswith(tokenizer.bos_token)
+            inputs = processor(text=[prompt], images=[sample["image"]], return_tensors="pt", add_special_tokens=add_bos)
             processor_seconds += time.perf_counter() - before
             with torch.no_grad():
                 output = model.generate(**inputs, generation_config=generation_config)

@@ -5,7 +5,7 @@
 or `run(workdir)` from benchmarks/run.py, which returns entries in the shared format
 {"id", "measure", "ratio", "goal", "met", "details"}.
 
-The source is the synthetic GQA-ru set (`gqaru.synth.write_synthetic_gqa`, GQA-sized JPEGs of flat
+The source is the synthetic GQA-ru set (`gqaru.standins.synth.write_synthetic_gqa`, GQA-sized JPEGs of flat
 shapes, ~11 KB each; real GQA photos are ~60 KB, which makes per-byte rates look better there).
 
 - P3: JPEG bytes per second of `build_shards` over the 10x source, against a raw `tarfile` write of
@@ -88,7 +88,7 @@ def _import_everything() -> None:
 
 
 def make_source(directory: Path, train_questions: int) -> Path:
-    from gqaru.synth import write_synthetic_gqa
+    from gqaru.standins.synth import write_synthetic_gqa
 
     if not (directory / "README.md").is_file():
         write_synthetic_gqa(directory, train_questions=train_questions, testdev_questions=30, seed=0)

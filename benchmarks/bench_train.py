@@ -6,9 +6,9 @@ read pipeline against what the training step consumes).
 or `run(workdir)` from benchmarks/run.py, which returns entries in the shared format
 {"id", "measure", "ratio", "goal", "met", "details"}.
 
-The setup: the synthetic GQA-ru (`gqaru.synth`, N train questions, 9-17 per image as GQA's
+The setup: the synthetic GQA-ru (`gqaru.standins.synth`, N train questions, 9-17 per image as GQA's
 balanced train; train shards built with `--image-size 336` as the README's recipe does, testdev
-shards as they come) and the "real-shape" tiny LLaVA (`gqaru.tiny`: 336 px, patch 14 -> 576 image
+shards as they come) and the "real-shape" tiny LLaVA (`gqaru.standins.tiny`: 336 px, patch 14 -> 576 image
 tokens per image, as llava-gemma-2b; a 128-wide 2-layer Gemma-style text model, 4k vocabulary).
 Both sides train the same N questions (the whole synthetic train split, as shards) for one epoch,
 with the same LoRA (`gqaru.modeling.apply_lora`: r 16, alpha 32, dropout 0.05, q/k/v/o of the
@@ -107,8 +107,8 @@ def prepare(workdir: Path, settings: dict[str, Any]) -> dict[str, str]:
     what is there (the inputs are deterministic).
     """
     from gqaru.shards import build_shards
-    from gqaru.synth import write_synthetic_gqa
-    from gqaru.tiny import build_tiny_model
+    from gqaru.standins.synth import write_synthetic_gqa
+    from gqaru.standins.tiny import build_tiny_model
 
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {

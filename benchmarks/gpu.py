@@ -4,7 +4,7 @@ training loop on a full-size random-weight model with llava-gemma-2b's shapes.
     python benchmarks/gpu.py --out benchmarks/gpu_results.json          # on a CUDA machine (H100/H200)
     python benchmarks/gpu.py --smoke --out /tmp/gpu_smoke.json          # any machine: tiny model, 2 steps
 
-The model is `gqaru.tiny` preset "gemma-2b-shapes": CLIP ViT-L/14-336 (24 layers, width 1024,
+The model is `gqaru.standins.tiny` preset "gemma-2b-shapes": CLIP ViT-L/14-336 (24 layers, width 1024,
 577 tokens per image) -> 2-layer MLP projector -> Gemma-2b (18 layers, hidden 2048, 8 heads,
 1 KV head, head_dim 256, intermediate 16384, vocabulary 256,000), random weights, saved in bf16.
 Data: the synthetic GQA-ru train split as shards, `data.questions_per_sequence` 8 (≈13 questions
@@ -285,8 +285,8 @@ def prepare(workdir: Path, preset: str, train_questions: int) -> dict[str, str]:
     import torch
 
     from gqaru.shards import build_shards
-    from gqaru.synth import write_synthetic_gqa
-    from gqaru.tiny import build_tiny_model
+    from gqaru.standins.synth import write_synthetic_gqa
+    from gqaru.standins.tiny import build_tiny_model
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir, source, shards = workdir / f"model-{preset}", workdir / "synth", workdir / "train-shards"

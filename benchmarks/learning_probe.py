@@ -57,7 +57,7 @@ from transformers import LlavaForConditionalGeneration, get_cosine_schedule_with
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from gqaru import synth  # noqa: E402
+from gqaru.standins import synth  # noqa: E402
 from gqaru.collate import (  # noqa: E402
     IGNORE_INDEX,
     EncodedSequence,
@@ -67,7 +67,7 @@ from gqaru.collate import (  # noqa: E402
 )
 from gqaru.config import load_config  # noqa: E402
 from gqaru.modeling import answer_only_loss, apply_lora, load_processor  # noqa: E402
-from gqaru.pretrain import MODEL_INPUTS, content_words  # noqa: E402
+from gqaru.standins.pretrain import MODEL_INPUTS, content_words  # noqa: E402
 from gqaru.prompts import TokenizedConversation  # noqa: E402
 
 COLOUR_WORDS = {colour.nom["f"] for colour, _ in synth.COLORS}

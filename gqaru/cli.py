@@ -23,7 +23,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from gqaru.synth import resolve_templates, write_synthetic_gqa
+    from gqaru.standins.synth import resolve_templates, write_synthetic_gqa
 
     try:
         templates = resolve_templates(args.templates)
@@ -44,7 +44,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from gqaru.tiny import BUILD_INFO_FILE, build_tiny_model
+    from gqaru.standins.tiny import BUILD_INFO_FILE, build_tiny_model
 
     out = build_tiny_model(args.out, preset=args.preset, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"wrote a tiny LLaVA ({args.preset}) to {out}")
@@ -56,17 +56,48 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_tokenizers(args: argparse.Namespace) -> int:
+    from gqaru.standins import real_tokenizers
+
+    try:
+        paths = real_tokenizers.fetch(wheel=args.wheel)
+    except (OSError, RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_replica(args: argparse.Namespace) -> int:
+    from gqaru.standins.real_tokenizers import MissingTokenizerError
+    from gqaru.standins.replica import build_replica
+
+    try:
+        out = build_replica(args.name, args.out, seed=args.seed, vary_answers=args.vary_answers)
+    except (KeyError, MissingTokenizerError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote a replica of {args.name} (real files and tokenizer, narrow random weights) to {out}")
+    return 0
+
+
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from gqaru.shards import ShardError, build_shards
-    from gqaru.sources import SourceError
+    from gqaru.sources import SEED_REPORT, SourceError
 
+    if args.selection == SEED_REPORT and (args.max_samples is not None or args.seed is not None):
+        print("error: --selection seed-report fixes the questions; drop --max-samples and --seed", file=sys.stderr)
+        return 2
     try:
         build_shards(
             args.source,
             split=args.split,
             out_dir=args.out,
             max_samples=args.max_samples,
-            seed=args.seed,
+            seed=0 if args.seed is None else args.seed,
+            selection=args.selection,
             samples_per_shard=args.samples_per_shard,
             image_size=args.image_size,
         )
@@ -165,10 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-steps",
         type=_non_negative_int,
         default=0,
-        help="train the random model this many steps on grounding and reading first (gqaru/pretrain.py), "
+        help="train the random model this many steps on grounding and reading first (gqaru/standins/pretrain.py), "
         "so that LoRA has a base to adapt; 0 keeps the random weights (default)",
     )
     tiny.set_defaults(handler=_cmd_tiny_model)
+
+    fetch = commands.add_parser(
+        "fetch-tokenizers",
+        help="fetch the real tokenizers (Gemma's SentencePiece model) from a PyPI wheel into the cache",
+    )
+    fetch.add_argument("--wheel", default=None, help="use this maxtext==0.2.5 wheel instead of downloading it")
+    fetch.set_defaults(handler=_cmd_fetch_tokenizers)
+
+    replica = commands.add_parser(
+        "replica",
+        help="build a replica of a real hub checkpoint: its files, configs, real tokenizer; narrow random weights",
+    )
+    replica.add_argument("name", help="the hub checkpoint to replicate: deepvk/llava-gemma-2b-lora")
+    replica.add_argument("--out", required=True, help="output dir (replaced whole; refused if it holds other files)")
+    replica.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    replica.add_argument(
+        "--vary-answers",
+        action="store_true",
+        help="bias the random weights so greedy answers are short words that vary with the input (tests)",
+    )
+    replica.set_defaults(handler=_cmd_replica)
 
     shards = commands.add_parser("shards", help="build or inspect webdataset shards")
     shard_commands = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
@@ -177,7 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--split", required=True, choices=["train", "testdev"])
     build.add_argument("--out", required=True, help="output dir; an existing one is replaced whole")
     build.add_argument("--max-samples", type=_positive_int, default=None, help="questions to select (default all)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the question selection")
+    build.add_argument("--seed", type=int, default=None, help="seed of the question selection (default 0)")
+    build.add_argument(
+        "--selection",
+        choices=["seeded", "seed-report"],
+        default="seeded",
+        help="seeded (default): --max-samples questions drawn with --seed; seed-report: the seed report's "
+        "rows exactly (train: its first 2,000 rows; testdev: its 300 rows, random.Random(42) over row indices)",
+    )
     build.add_argument("--samples-per-shard", type=_positive_int, default=256, help="images per shard")
     build.add_argument(
         "--image-size", type=_positive_int, default=None, help="resize the shorter side to PX (default: keep)"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -104,6 +104,9 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     shards: str = "shards/gqa-ru-testdev"
+    selection: Literal["seeded", "seed-report"] = "seeded"
+    """seeded: `max_samples` questions drawn with `seed` (or all); seed-report: the seed report's 300
+    testdev rows exactly (`gqaru.sources.seed_report_rows`; needs shards of the whole split)."""
     max_samples: int | Literal["all"] = 300
     """Questions to evaluate, drawn by the seeded selection rule, or all."""
 
@@ -122,6 +125,16 @@ class EvalConfig(_Section):
     off: plain batched generate with pixel_values per question (same answers, slower)."""
     report: bool = True
     """Write report.md / report.html / plots beside the predictions."""
+
+    @model_validator(mode="after")
+    def _named_selection_is_fixed(self) -> "EvalConfig":
+        given = sorted({"max_samples", "seed"} & self.model_fields_set)
+        if self.selection == "seed-report" and given:
+            raise ValueError(
+                f"eval.selection=seed-report fixes the questions (the seed report's 300 rows); "
+                f"{' and '.join('eval.' + name for name in given)} would be ignored: drop them, or use eval.selection=seeded"
+            )
+        return self
 
 
 class OutputConfig(_Section):
@@ -274,7 +287,12 @@ def config_from_command_line(argv: list[str], usage: str) -> Config | int:
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    return config.model_dump(mode="json")
+    """The config as plain data; keys a named evaluation selection does not use are left out."""
+    tree = config.model_dump(mode="json")
+    if config.eval.selection == "seed-report":
+        for unused in ("max_samples", "seed"):
+            tree["eval"].pop(unused)
+    return tree
 
 
 def to_yaml(config: Config) -> str:

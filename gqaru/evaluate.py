@@ -10,9 +10,10 @@ What it does, in order:
   * deals the images to processes round-robin (`iter_eval_samples`); data never goes through
     `accelerator.prepare` (it would split it a second time) and the model is not prepared either
     (nothing is trained: it is loaded straight onto `accelerator.device`);
-  * answers each question greedily (at most `eval.max_new_tokens` new tokens, stopping at
-    `<end_of_turn>` or `<eos>`), `eval.batch_size` questions per `generate` call, batches spanning
-    images, with image-prefix KV reuse (below);
+  * answers each question as lmms-eval's `gqa_ru` task with the `llava_hf` model does: greedy, at
+    most `eval.max_new_tokens` new tokens, stopping at the tokenizer's eos only (for Gemma `<eos>`,
+    not `<end_of_turn>`), `eval.batch_size` questions per `generate` call, batches spanning images,
+    with image-prefix KV reuse (below);
   * gathers every process's records, checks that each selected question was answered exactly once,
     and writes into `config.run_dir()`: config.yaml (resolved), predictions.jsonl (sorted by id:
     id, imageId, question, answer, prediction, correct, types), metrics.json
@@ -29,15 +30,17 @@ padding, and `generate(input_ids=<full rows>, attention_mask=..., cache=...)` ru
 positions as `cumsum(attention_mask) - 1`, so a question's suffix gets positions P, P+1, ... (P =
 prefix length) exactly as in an unpadded prompt, whatever padding sits between. transformers 5.24
 takes the cache as `cache=` (`past_key_values=` is deprecated) and extends it in place, so each
-batch gets a freshly built cache. Answers are identical to one plain `generate` with
-`pixel_values` per question (tests/test_evaluate.py proves it on the tiny model). A text model with
+batch gets a freshly built cache. Answers are identical to the reference loop, one plain `generate`
+with the processor's inputs per question (tests/test_evaluate.py, on the replica of the real
+checkpoint and on the tiny model). A text model with
 sliding-window layers cannot take a prefix cache this way; such a model falls back to plain
 batched `generate` with `pixel_values`.
 
-The prediction is the decoded new tokens (special tokens skipped) with surrounding whitespace
-stripped. The headline rule itself does not strip (gqaru.metrics); stripping the generated text is
-the producer's job, as in lmms-eval's task loop, so a trailing newline does not count against a
-model.
+The prediction is the decoded new tokens up to eos (special tokens skipped) with surrounding
+whitespace stripped: the number lmms-eval would print for the same model and questions. The headline
+rule itself does not strip (gqaru.metrics); stripping the generated text is the producer's job, as
+in lmms-eval's task loop. Each record also keeps `prediction_at_end_of_turn`, the same tokens cut at
+the first `<end_of_turn>` (what a chat-style stop would give), scored as a second, labelled figure.
 """
 
 from __future__ import annotations
@@ -61,10 +64,17 @@ from gqaru import accel, modeling
 from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
 from gqaru.config import Config, config_from_command_line, save_config
 from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
-from gqaru.prompts import END_OF_TURN
+from gqaru.prompts import tokenizer_habits
 from gqaru.report import error_analysis, write_report
-from gqaru.shards import ShardError, iter_eval_metas, iter_eval_samples, list_question_ids
-from gqaru.sources import select_question_ids
+from gqaru.shards import (
+    ShardError,
+    iter_eval_metas,
+    iter_eval_samples,
+    list_question_ids,
+    question_rows,
+    read_manifest,
+)
+from gqaru.sources import SEED_REPORT, seed_report_rows, select_question_ids
 
 logger = logging.getLogger("gqaru.evaluate")
 
@@ -89,6 +99,16 @@ class ImageEntry:
     image: Image.Image | None
     prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer (keys, values), each (1, kv_heads, prefix_len, head_dim), once encoded."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer, read two ways."""
+
+    prediction: str
+    """As lmms-eval reads it (the headline): up to eos, special tokens skipped, stripped."""
+    at_end_of_turn: str
+    """Cut at the first `<end_of_turn>` as well (a secondary, labelled figure; not lmms-eval's)."""
 
 
 @dataclass
@@ -129,7 +149,9 @@ class Answerer:
         self.model_config = base.config
         self.device = base.device
         self.pixel_dtype = base.model.vision_tower.dtype
-        self.generation_config = self._generation_config(base, max_new_tokens)
+        self.generation_config = self._generation_config(max_new_tokens)
+        self.eos_id: int = self.generation_config.eos_token_id
+        self.end_of_turn_id: int = tokenizer_habits(self.tokenizer).end_of_turn_id
         self.reuse_image_prefix = reuse_image_prefix and self._cache_takes_prefix()
         if reuse_image_prefix and not self.reuse_image_prefix:
             logger.warning(
@@ -144,20 +166,18 @@ class Answerer:
         for token in self.prefix_ids:
             self.expanded_prefix_ids += [token] * self.image_tokens if token == self.image_token_id else [token]
 
-    def _generation_config(self, base: torch.nn.Module, max_new_tokens: int) -> GenerationConfig:
-        """Greedy, at most `max_new_tokens`, stopping at `<end_of_turn>` or any eos the model declares."""
-        stop_ids = {self.tokenizer.convert_tokens_to_ids(END_OF_TURN)}
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        declared = getattr(base.generation_config, "eos_token_id", None)
-        if declared is not None:
-            stop_ids.update([declared] if isinstance(declared, int) else declared)
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """lmms-eval's llava_hf settings: greedy, at most `max_new_tokens`, stop at the tokenizer's eos
+        only (for Gemma `<eos>`, not `<end_of_turn>`), eos also as the pad id."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise EvaluationError("the tokenizer has no eos token: generation would never stop")
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            eos_token_id=sorted(stop_ids),
-            pad_token_id=self.pad_id,
+            eos_token_id=eos,
+            pad_token_id=eos,
             bos_token_id=self.tokenizer.bos_token_id,
         )
 
@@ -203,8 +223,8 @@ class Answerer:
             entry.image = None
 
     @torch.no_grad()
-    def answer(self, batch: Sequence[PendingQuestion]) -> list[str]:
-        """The predictions of a batch, in its order."""
+    def answer(self, batch: Sequence[PendingQuestion]) -> list[Answer]:
+        """The answers of a batch, in its order."""
         if self.reuse_image_prefix:
             # Images not encoded yet, each once (an image's questions share one ImageEntry object).
             new_images = list({id(item.image): item.image for item in batch if item.image.prefix_cache is None}.values())
@@ -213,8 +233,25 @@ class Answerer:
             generated, prompt_length = self._generate_from_prefixes(batch)
         else:
             generated, prompt_length = self._generate_plain(batch)
-        texts = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [self.decode(row) for row in generated[:, prompt_length:].tolist()]
+
+    def decode(self, new_tokens: list[int]) -> Answer:
+        """lmms-eval's reading of the generated tokens, and the `<end_of_turn>` reading beside it.
+
+        The reference: the tokens up to the first eos (what follows in a batch is padding), decoded
+        with special tokens skipped, stripped. The secondary reading also stops at the first
+        `<end_of_turn>`: what stopping generation there would have given (greedy decoding makes it a
+        prefix of the same tokens).
+        """
+        if self.eos_id in new_tokens:
+            new_tokens = new_tokens[: new_tokens.index(self.eos_id)]
+        at_end_of_turn = new_tokens
+        if self.end_of_turn_id in new_tokens:
+            at_end_of_turn = new_tokens[: new_tokens.index(self.end_of_turn_id)]
+        return Answer(
+            prediction=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            at_end_of_turn=self.tokenizer.decode(at_end_of_turn, skip_special_tokens=True).strip(),
+        )
 
     def _generate_from_prefixes(self, batch: Sequence[PendingQuestion]) -> tuple[torch.Tensor, int]:
         prefix = torch.tensor(self.expanded_prefix_ids)
@@ -293,7 +330,7 @@ def predict(
     """Answer every question of `samples`; records carry prediction and correct (headline rule)."""
     records = []
     for batch in batched(pending_questions(samples, answerer.tokenizer), batch_size):
-        for item, prediction in zip(batch, answerer.answer(batch)):
+        for item, answer in zip(batch, answerer.answer(batch)):
             question = item.record
             records.append(
                 {
@@ -301,8 +338,9 @@ def predict(
                     "imageId": question["imageId"],
                     "question": question["question"],
                     "answer": question["answer"],
-                    "prediction": prediction,
-                    "correct": exact_match(prediction, question["answer"]),
+                    "prediction": answer.prediction,
+                    "correct": exact_match(answer.prediction, question["answer"]),
+                    "prediction_at_end_of_turn": answer.at_end_of_turn,
                     "types": question["types"],
                 }
             )
@@ -325,12 +363,46 @@ class EvaluationResult:
 
 
 def select_questions(config: Config) -> list[str]:
-    """The evaluated question ids: the seeded selection over every id in the shards."""
+    """The evaluated question ids: the seeded selection over every id in the shards, or the seed
+    report's rows (`eval.selection=seed-report`).
+
+    Raises:
+        ShardError: no questions; or for seed-report, shards of another split, or shards that
+            miss some of the named rows (built from a subset, or rows rejected at build time).
+    """
+    if config.eval.selection == SEED_REPORT:
+        return _seed_report_questions(config.eval.shards)
     max_samples = None if config.eval.max_samples == "all" else int(config.eval.max_samples)
     ids = list_question_ids(config.eval.shards)
     if not ids:
         raise ShardError(f"eval.shards={config.eval.shards} holds no questions")
     return select_question_ids(ids, max_samples, config.eval.seed)
+
+
+def describe_eval_selection(config: Config) -> str:
+    if config.eval.selection == SEED_REPORT:
+        return "seed-report: the seed report's 300 testdev rows"
+    return f"max_samples={config.eval.max_samples}, seed={config.eval.seed}"
+
+
+def _seed_report_questions(shards_dir: str) -> list[str]:
+    manifest = read_manifest(shards_dir)
+    split, total_rows = manifest["split"], manifest["selection"].get("source_rows")
+    if split != "testdev" or total_rows is None:
+        raise ShardError(
+            f"eval.selection=seed-report needs testdev shards built by this gqaru (they record the source's row "
+            f"count); {shards_dir} holds {split} shards{'' if total_rows else ' without a row count: rebuild them'}"
+        )
+    wanted = seed_report_rows(split, total_rows)
+    available = question_rows(shards_dir)
+    missing = [row for row in wanted if row not in available]
+    if missing:
+        raise ShardError(
+            f"eval.selection=seed-report: {len(missing)} of its {len(wanted)} rows are not in {shards_dir} "
+            f"(e.g. rows {missing[:5]}); build the testdev shards over the whole split or with "
+            "`--selection seed-report`, and see manifest.json's `rejected` for rows the build skipped"
+        )
+    return sorted(available[row] for row in wanted)
 
 
 def rank_question_count(shards_dir: str, selected: Iterable[str], rank: int, world_size: int) -> int:
@@ -409,14 +481,13 @@ def evaluate(
     )
     if accelerator.is_main_process:
         logger.info(
-            "evaluating %s%s on %d questions of %s (max_samples=%s, seed=%d): %d process(es), batch %d, "
+            "evaluating %s%s on %d questions of %s (%s): %d process(es), batch %d, "
             "%d image tokens per image, image-prefix KV reuse %s",
             config.model.name_or_path,
             f" + adapter {config.model.adapter}" if config.model.adapter else "",
             len(selected),
             config.eval.shards,
-            config.eval.max_samples,
-            config.eval.seed,
+            describe_eval_selection(config),
             world_size,
             config.eval.batch_size,
             answerer.image_tokens,
@@ -451,8 +522,7 @@ def evaluate(
         "model": config.model.name_or_path,
         "adapter": config.model.adapter,
         "shards": config.eval.shards,
-        "max_samples": config.eval.max_samples,
-        "seed": config.eval.seed,
+        "selection": describe_eval_selection(config),
         "questions": len(records),
         "processes": world_size,
         "batch_size": config.eval.batch_size,
@@ -484,7 +554,8 @@ def summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
     return (
         f"{headline['label']}: {100 * headline['accuracy']:.2f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
         f"{headline['correct']}/{headline['n']} questions; lemma match (secondary) "
-        f"{100 * metrics['lemma_match']['accuracy']:.2f}%.\n"
+        f"{100 * metrics['lemma_match']['accuracy']:.2f}%; cut at <end_of_turn> (secondary, not lmms-eval) "
+        f"{100 * metrics['end_of_turn_stop']['accuracy']:.2f}%.\n"
         f"{run['processes']} process(es), batch {run['batch_size']}, image-prefix KV reuse "
         f"{'on' if run['image_prefix_reuse'] else 'off'}: generation {run['generation_seconds']:.1f} s, "
         f"{run['questions_per_second']:.1f} questions/s; total {run['total_seconds']:.1f} s.\n"

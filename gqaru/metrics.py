@@ -44,6 +44,12 @@ HEADLINE_RULE = (
     "lower-case both strings, remove ASCII punctuation (Python string.punctuation), compare exactly; "
     "no ё→е, no whitespace stripping"
 )
+END_OF_TURN_LABEL = "exact match, answer cut at the first <end_of_turn> — secondary, NOT lmms-eval"
+END_OF_TURN_RULE = (
+    "the headline rule on prediction_at_end_of_turn: the same generated tokens, also stopped at the first "
+    "<end_of_turn> (lmms-eval stops at eos only and decodes past <end_of_turn>)"
+)
+END_OF_TURN_FIELD = "prediction_at_end_of_turn"
 LEMMA_LABEL = "lemma match (pymorphy3 normal forms) — secondary, NOT the headline"
 LEMMA_RULE = (
     "the headline normalisation, then split on whitespace and replace each token by the normal form "
@@ -248,6 +254,9 @@ def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "accepted_beyond_headline": sum(1 for by_rule, by_lemma in zip(strict, lemma) if by_lemma and not by_rule),
         },
     }
+    if records and all(END_OF_TURN_FIELD in record for record in records):
+        at_end_of_turn = sum(exact_match(record[END_OF_TURN_FIELD], record["answer"]) for record in records)
+        metrics["end_of_turn_stop"] = {"label": END_OF_TURN_LABEL, "rule": END_OF_TURN_RULE, **_group(at_end_of_turn, n)}
     stored = [(record["correct"], correct) for record, correct in zip(records, strict) if "correct" in record]
     if stored:
         metrics["stored_correct_disagreements"] = sum(1 for given, recomputed in stored if bool(given) != recomputed)
@@ -482,6 +491,8 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
         for name, group in metrics[section].items():
             add(f"  {title}: {name}", group)
     add(metrics["lemma_match"]["label"], metrics["lemma_match"])
+    if "end_of_turn_stop" in metrics:
+        add(metrics["end_of_turn_stop"]["label"], metrics["end_of_turn_stop"])
     lines = [_table(rows), f"(intervals: {metrics['interval_method']})"]
     lines.append(
         f"lemma match accepts {metrics['lemma_match']['accepted_beyond_headline']} answers the headline rejects"

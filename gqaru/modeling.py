@@ -68,6 +68,12 @@ boundary, so the full prefixes are needed (the 4.x idiom "vision_tower" skips no
 
 PROJECTOR_MODULE = "multi_modal_projector"
 
+IMAGE_PROCESSOR_BACKEND = "pil"
+"""transformers 5 picks the torchvision image processor when torchvision is installed and the PIL one
+otherwise, and their pixels differ (resize and crop kernels). The real checkpoints were trained and
+scored with the PIL/numpy `CLIPImageProcessor` of transformers 4.x, so the PIL backend is asked for by
+name: the same pixels whatever else is installed."""
+
 # Extra tokens a vision tower puts in front of its patch features (CLIP: the class token).
 # "default" feature selection drops exactly one of them.
 _ADDITIONAL_IMAGE_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -171,7 +177,8 @@ def _additional_image_tokens(vision_config: Any) -> int:
 def load_processor(
     name_or_path: str | os.PathLike[str], *, revision: str | None = None, trust_remote_code: bool = False
 ) -> ProcessorMixin:
-    """The model's `LlavaProcessor`, repaired so its `<image>` expansion matches the vision tower.
+    """The model's `LlavaProcessor`, repaired so its `<image>` expansion matches the vision tower,
+    with the image processor's backend pinned (`IMAGE_PROCESSOR_BACKEND`).
 
     Processor configs on the hub predate transformers 5 and often carry `patch_size: null` (the
     processor then fails with `'int' and 'NoneType'`) or no feature-selection strategy (then it
@@ -187,7 +194,9 @@ def load_processor(
     model_config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if not isinstance(model_config, LlavaConfig):
         raise ModelSetupError(f"{name_or_path} is a {type(model_config).__name__}, not a LLaVA model config")
-    processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code, backend=IMAGE_PROCESSOR_BACKEND
+    )
 
     vision = model_config.vision_config
     wanted = {
@@ -198,7 +207,9 @@ def load_processor(
     for name, value in wanted.items():
         current = getattr(processor, name, None)
         if current is not None and current != value:
-            logger.warning("processor %s=%r disagrees with the model config; using %r", name, current, value)
+            # Hub processor configs written before transformers 5 lack these keys (the loader's
+            # defaults then show here): deepvk's has none of the three.
+            logger.info("processor %s=%r -> %r, from the model config", name, current, value)
         setattr(processor, name, value)
 
     expected = image_tokens_per_image(model_config)

@@ -1,21 +1,32 @@
-"""The prompt, rendered through the tokenizer's chat template, tokenized so that text stays text.
+"""The prompt, rendered through the tokenizer's chat template and tokenized exactly as the reference does.
 
 The user turn is `<image>\\n{question}\\nОтветь одним словом.` and the model turn is `{answer}`, as in
 deepvk's training and lmms-eval's `gqa_ru` task. Several questions about one image become one
 multi-turn conversation with the image in the first user turn only.
 
-Questions and answers come from a dataset, so they may contain strings such as `<image>` or
-`<start_of_turn>`. Tokenizing the rendered conversation as one string would turn those into
-special-token ids (a fake image slot, a fake turn). Instead the template is rendered with opaque
-placeholders where the dataset text goes; the template's own parts are tokenized with special
-tokens recognised, and the dataset text with `split_special_tokens=True`, so it can only ever
-produce ordinary ids. The same function serves training and generation, so both see identical
-prompt tokens.
+**Identical to the reference.** lmms-eval (and the model card, and every LLaVA processor) renders the
+template to text and calls `processor(images=..., text=...)`, which tokenizes the whole string with
+the tokenizer's default special-token handling. So does `tokenize_conversation`: the rendered
+conversation is tokenized as one string, and whatever the tokenizer puts in front of every text
+(Gemma: `<bos>`, because `add_bos_token: true`) is put in front once. deepvk's template writes no
+`<bos>`; a template that does (the tiny model's) is not given a second one. Exactly one `<bos>`.
+
+**Text stays text.** Questions and answers come from a dataset and may contain strings such as
+`<image>` or `<start_of_turn>`; tokenized inside the whole string, those would become special ids (a
+fake image slot, a fake turn). The template is rendered with opaque placeholders first, so the
+character span of every dataset text is known; when a special or added token lands inside one, that
+conversation is tokenized piece by piece instead (template parts with special tokens recognised,
+dataset text with `split_special_tokens=True`), which can only ever give ordinary ids there. For
+every other conversation the ids are the whole-string ids.
+
+Answer labels are the tokens that overlap the answer's characters, plus the end-of-turn token right
+after them. The same function serves training and generation, so both see identical prompt tokens.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -50,9 +61,55 @@ class TokenizedConversation:
     answer_spans: list[tuple[int, int]]
 
 
-def clean_text(text: str) -> str:
-    """Strip surrounding whitespace (as Gemma's template trims contents) and drop NULs."""
-    return text.replace("\x00", "").strip()
+@dataclass(frozen=True)
+class TokenizerHabits:
+    """What a tokenizer does on its own that the prompt code must know."""
+
+    prefix_ids: tuple[int, ...]
+    """Ids the tokenizer puts in front of every text with default special-token handling (`<bos>`)."""
+    end_of_turn_id: int
+    protected_ids: frozenset[int]
+    """Ids of special and added tokens (matched as whole strings): dataset text must never yield them."""
+
+
+_HABITS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, TokenizerHabits] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_habits(tokenizer: PreTrainedTokenizerBase) -> TokenizerHabits:
+    """The tokenizer's prefix, end-of-turn id and special ids (worked out once per tokenizer object).
+
+    The prefix is read off the tokenizer itself: a probe text encoded with and without special
+    tokens. A tokenizer that appends something to every text (`add_eos_token`) is refused: a
+    generation prompt would end in it.
+
+    Raises:
+        ValueError: no single-token `<end_of_turn>`, or special tokens appended after every text.
+    """
+    habits = _HABITS.get(tokenizer)
+    if habits is not None:
+        return habits
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end_of_turn_id is None or end_of_turn_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {END_OF_TURN} token: is this a Gemma-style chat model?")
+    probe = "x"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer(probe)["input_ids"]
+    start = next((i for i in range(len(wrapped) - len(bare) + 1) if wrapped[i : i + len(bare)] == bare), None)
+    if start is None:
+        raise ValueError(f"cannot tell what the tokenizer adds around a text ({bare} vs {wrapped})")
+    suffix = wrapped[start + len(bare) :]
+    if suffix:
+        raise ValueError(
+            f"the tokenizer appends {tokenizer.convert_ids_to_tokens(suffix)} to every text (add_eos_token?): "
+            "a generation prompt would end in it; load the tokenizer with add_eos_token=False"
+        )
+    habits = TokenizerHabits(
+        prefix_ids=tuple(wrapped[:start]),
+        end_of_turn_id=end_of_turn_id,
+        protected_ids=frozenset(tokenizer.added_tokens_decoder) | frozenset(tokenizer.all_special_ids),
+    )
+    _HABITS[tokenizer] = habits
+    return habits
 
 
 def user_content(question_slot: str, with_image: bool) -> str:
@@ -61,75 +118,131 @@ def user_content(question_slot: str, with_image: bool) -> str:
     return f"{prefix}{question_slot}\n{INSTRUCTION}"
 
 
-def _render_with_slots(
+@dataclass(frozen=True)
+class RenderedConversation:
+    """The chat template's output with the dataset texts in place, and where each text sits."""
+
+    text: str
+    text_spans: list[tuple[int, int]]
+    """Character (start, end) of every dataset text, in order (questions and answers)."""
+    answer_spans: list[tuple[int, int]]
+    """Character (start, end) of every answer (a subset of `text_spans`)."""
+    pieces: list[str]
+    """The template's own text between the dataset texts (len(text_spans) + 1 pieces)."""
+    texts: list[str]
+
+
+def render_conversation(
     tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], add_generation_prompt: bool
-) -> tuple[str, list[str]]:
-    """Render the chat template with a placeholder per dataset text; return it and the texts."""
+) -> RenderedConversation:
+    """Render the chat template around `turns`, recording where each dataset text lands.
+
+    Texts are cleaned as the template would leave them: NULs dropped; answers stripped and later
+    questions left-stripped (Gemma's template trims every message's content; a first question
+    sits after `<image>\\n`, so its own whitespace is kept, as lmms-eval keeps it).
+
+    Raises:
+        ValueError: the template dropped or reordered a text (a template we cannot trust).
+    """
     texts: list[str] = []
+    is_answer: list[bool] = []
     messages = []
     for index, turn in enumerate(turns):
-        texts.append(clean_text(turn.question))
+        question = turn.question.replace("\x00", "")
+        texts.append(question if index == 0 else question.lstrip())
+        is_answer.append(False)
         messages.append({"role": "user", "content": user_content(_SLOT.format(len(texts) - 1), index == 0)})
         if turn.answer is not None:
-            texts.append(clean_text(turn.answer))
+            texts.append(turn.answer.replace("\x00", "").strip())
+            is_answer.append(True)
             messages.append({"role": "assistant", "content": _SLOT.format(len(texts) - 1)})
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return rendered, texts
+    parts = _SLOT_PATTERN.split(rendered)
+    # split() alternates template text and slot numbers: [tpl, 0, tpl, 1, tpl, ...].
+    slot_order = [int(number) for number in parts[1::2]]
+    if slot_order != list(range(len(texts))):
+        raise ValueError(f"the chat template dropped or reordered message contents (slots {slot_order})")
+    pieces = parts[0::2]
+    text, spans = pieces[0], []
+    for slot, piece in zip(texts, pieces[1:]):
+        spans.append((len(text), len(text) + len(slot)))
+        text += slot + piece
+    answers = [span for span, answer in zip(spans, is_answer) if answer]
+    return RenderedConversation(text=text, text_spans=spans, answer_spans=answers, pieces=pieces, texts=texts)
 
 
 def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], *, add_generation_prompt: bool = False
 ) -> TokenizedConversation:
-    """Tokenize a conversation about one image.
+    """Tokenize a conversation about one image, as the processor would tokenize its rendered text.
 
     Training: every turn has an answer, `add_generation_prompt=False`.
     Generation: the last turn has no answer and `add_generation_prompt=True`.
 
     Raises:
-        ValueError: the chat template dropped or reordered a text (a template we cannot trust),
-            or the tokenizer has no single-token `<end_of_turn>`.
+        ValueError: the chat template dropped or reordered a text, does not close a model turn
+            with `<end_of_turn>`, or the tokenizer has no single-token `<end_of_turn>`.
     """
     if not turns:
         raise ValueError("a conversation needs at least one turn")
-    rendered, texts = _render_with_slots(tokenizer, turns, add_generation_prompt)
-    end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_of_turn_id is None or end_of_turn_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {END_OF_TURN} token: is this a Gemma-style chat model?")
+    habits = tokenizer_habits(tokenizer)
+    rendered = render_conversation(tokenizer, turns, add_generation_prompt)
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    if _text_stays_text(ids, offsets, rendered.text_spans, habits.protected_ids):
+        answer_spans = [_token_span(offsets, span) for span in rendered.answer_spans]
+    else:
+        ids, answer_spans = _tokenize_by_piece(tokenizer, rendered)
+    prefix = list(habits.prefix_ids)
+    if prefix and ids[: len(prefix)] != prefix:  # the template did not write it: the tokenizer would
+        ids = prefix + ids
+        answer_spans = [(start + len(prefix), end + len(prefix)) for start, end in answer_spans]
+    closed = []
+    for start, end in answer_spans:
+        if end >= len(ids) or ids[end] != habits.end_of_turn_id:
+            raise ValueError(f"the chat template does not close a model turn with {END_OF_TURN}")
+        closed.append((start, end + 1))  # the label span runs through the end-of-turn token
+    return TokenizedConversation(input_ids=ids, answer_spans=closed)
 
-    pieces = _SLOT_PATTERN.split(rendered)
-    # split() alternates template text and slot numbers: [tpl, 0, tpl, 1, tpl, ...].
-    slot_order = [int(number) for number in pieces[1::2]]
-    if slot_order != list(range(len(texts))):
-        raise ValueError(f"the chat template dropped or reordered message contents (slots {slot_order})")
 
-    answer_slots = _answer_slot_numbers(turns)
-    input_ids: list[int] = []
+def _overlaps(token: tuple[int, int], span: tuple[int, int]) -> bool:
+    return token[0] < span[1] and span[0] < token[1]
+
+
+def _text_stays_text(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], protected: frozenset[int]
+) -> bool:
+    """Whether no special/added token of the whole-string encoding overlaps a dataset text."""
+    return not any(
+        token in protected and any(_overlaps(offset, span) for span in spans) for token, offset in zip(ids, offsets)
+    )
+
+
+def _token_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> tuple[int, int]:
+    """(first, one past last) token index overlapping the character span (empty text: an empty range)."""
+    inside = [index for index, offset in enumerate(offsets) if _overlaps(offset, span)]
+    if not inside:
+        after = next((index for index, offset in enumerate(offsets) if offset[0] >= span[1]), len(offsets))
+        return after, after
+    return inside[0], inside[-1] + 1
+
+
+def _tokenize_by_piece(
+    tokenizer: PreTrainedTokenizerBase, rendered: RenderedConversation
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Template parts with special tokens recognised, dataset texts with special-token text split."""
+    answer_starts = {start for start, _ in rendered.answer_spans}
+    ids: list[int] = []
     answer_spans: list[tuple[int, int]] = []
-    for position, piece in enumerate(pieces):
-        if position % 2 == 0:
-            input_ids += tokenizer.encode(piece, add_special_tokens=False) if piece else []
-            continue
-        slot = int(piece)
-        ids = tokenizer(texts[slot], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        start = len(input_ids)
-        input_ids += ids
-        if slot in answer_slots:
-            # The label span runs through the end-of-turn token that the template puts right after.
-            following = pieces[position + 1] if position + 1 < len(pieces) else ""
-            if not following.startswith(END_OF_TURN):
-                raise ValueError(f"the chat template does not close a model turn with {END_OF_TURN}")
-            answer_spans.append((start, len(input_ids) + 1))
-    return TokenizedConversation(input_ids=input_ids, answer_spans=answer_spans)
-
-
-def _answer_slot_numbers(turns: Sequence[Turn]) -> set[int]:
-    slots, counter = set(), 0
-    for turn in turns:
-        counter += 1  # the question
-        if turn.answer is not None:
-            slots.add(counter)
-            counter += 1
-    return slots
+    for index, piece in enumerate(rendered.pieces):
+        if index:
+            text_start = rendered.text_spans[index - 1][0]
+            start = len(ids)
+            ids += tokenizer(rendered.texts[index - 1], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if text_start in answer_starts:
+                answer_spans.append((start, len(ids)))
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+    return ids, answer_spans
 
 
 def text_token_count(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], **kwargs: bool) -> int:

@@ -239,6 +239,15 @@ def _markdown(metrics: Mapping[str, Any], analysis: Mapping[str, Any], title: st
         f"{_md(lemma['label'])}: {_percent(lemma['accuracy'])} ({lemma['correct']} / {lemma['n']}, "
         f"95% CI {_interval(lemma)}); it accepts {lemma['accepted_beyond_headline']} answers the headline rejects.",
         "",
+    ]
+    if "end_of_turn_stop" in metrics:
+        stop = metrics["end_of_turn_stop"]
+        lines += [
+            f"{_md(stop['label'])}: {_percent(stop['accuracy'])} ({stop['correct']} / {stop['n']}, "
+            f"95% CI {_interval(stop)}).",
+            "",
+        ]
+    lines += [
         "## Accuracy by question type",
     ]
     for section, section_title in _SECTIONS:
@@ -323,6 +332,14 @@ def _html(
         f'<p class="note">Rule: {_h(headline["rule"])}.</p>',
         f"<p>{_h(lemma['label'])}: {_percent(lemma['accuracy'])} ({lemma['correct']} / {lemma['n']}, "
         f"95% CI {_interval(lemma)}); it accepts {lemma['accepted_beyond_headline']} answers the headline rejects.</p>",
+    ]
+    if "end_of_turn_stop" in metrics:
+        stop = metrics["end_of_turn_stop"]
+        parts.append(
+            f"<p>{_h(stop['label'])}: {_percent(stop['accuracy'])} ({stop['correct']} / {stop['n']}, "
+            f"95% CI {_interval(stop)})</p>"
+        )
+    parts += [
         "</section>",
         "<h2>Accuracy by question type</h2>",
     ]

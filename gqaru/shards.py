@@ -5,8 +5,8 @@ Layout of a shard dir (see shards/README.md):
     DIR/manifest.json            source, split, selection, counts, per-shard records, rejections
     DIR/{split}-000000.tar ...   one sample per image: `{imageId}.jpg` + `{imageId}.json`
 
-A sample's json is {"imageId", "width", "height", "qa": [{"id", "question", "answer",
-"fullAnswer", "types"}, ...]}; width/height are those of the stored jpg. Keeping each image once,
+A sample's json is {"imageId", "width", "height", "qa": [{"id", "row", "question", "answer",
+"fullAnswer", "types"}, ...]} (`row`: the question's row index in the source, dataset order); width/height are those of the stored jpg. Keeping each image once,
 with all of its selected questions, makes shards ~13x smaller than one sample per question.
 
 Writing (`build_shards`, the `gqaru shards build` command):
@@ -25,7 +25,8 @@ Reading:
 - `rank_plan(dir, rank, world_size, num_workers)`: what that stream will give a rank, from the
   manifest alone, so the trainer can give every rank the same number of optimizer steps.
 - `iter_eval_samples(dir, question_ids=, rank=, world_size=)`: deterministic, no shuffle.
-- `list_question_ids(dir)`: every question id in the shards (reads only the json members).
+- `list_question_ids(dir)`: every question id in the shards (reads only the json members);
+  `question_rows(dir)`: their source row indices, for the seed report's row-based selection.
 Tar members are read in memory by webdataset's stages; nothing is ever extracted to a path.
 """
 
@@ -278,6 +279,7 @@ def build_shards(
     out_dir: str | os.PathLike[str],
     max_samples: int | None = None,
     seed: int = 0,
+    selection: str = "seeded",
     samples_per_shard: int = 256,
     image_size: int | None = None,
     verbose: bool = True,
@@ -290,6 +292,8 @@ def build_shards(
         out_dir: the shard dir; an existing shard dir (or empty dir) is replaced whole.
         max_samples, seed: select this many questions (`gqaru.sources.select_question_ids`);
             None keeps all.
+        selection: "seeded" (max_samples, seed) or "seed-report" (the seed report's rows of
+            this split, `gqaru.sources.seed_report_rows`).
         samples_per_shard: images per shard.
         image_size: downscale so the shorter side is this many pixels (never upscales).
         verbose: show a progress bar and print the summary paragraph.
@@ -305,7 +309,7 @@ def build_shards(
     out = Path(out_dir)
     _check_replaceable(out)
     started = time.perf_counter()
-    reader = SplitReader(source, split, max_samples=max_samples, seed=seed)
+    reader = SplitReader(source, split, max_samples=max_samples, seed=seed, selection=selection)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
@@ -371,14 +375,21 @@ def _build_summary(manifest: dict[str, Any], out: Path, elapsed: float, rejects:
         f"shard(s) in {out} ({megabytes:.1f} MB, {elapsed:.1f} s, "
         f"{counts['images'] / max(elapsed, 1e-9):.0f} images/s, {megabytes / max(elapsed, 1e-9):.1f} MB/s) "
         f"from {manifest['source']} {manifest['split']}: selected {selection['selected']} of "
-        f"{selection['available']} valid questions (max_samples={selection['max_samples']}, "
-        f"seed={selection['seed']}); {counts['reencoded_images']} image(s) re-encoded to JPEG; "
+        f"{selection['available']} valid questions ({describe_selection(selection)}); "
+        f"{counts['reencoded_images']} image(s) re-encoded to JPEG; "
         f"skipped: {rejects}."
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Manifest, verification, inspection
+
+
+def describe_selection(selection: dict[str, Any]) -> str:
+    """`max_samples=N, seed=S` or `seed-report: R rows of N`, for summaries."""
+    if selection.get("name") == "seed-report":
+        return f"seed-report: {selection['rows']} rows of {selection['source_rows']}"
+    return f"max_samples={selection['max_samples']}, seed={selection['seed']}"
 
 
 def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -448,7 +459,7 @@ def inspect_shards(shards_dir: str | os.PathLike[str], verify: bool = True) -> b
     )
     print(
         f"  selection: {selection['selected']} of {selection['available']} questions "
-        f"(max_samples={selection['max_samples']}, seed={selection['seed']})"
+        f"({describe_selection(selection)})"
     )
     rejected = {name: entry for name, entry in manifest["rejected"].items() if entry["count"]}
     if rejected:
@@ -810,3 +821,21 @@ def list_question_ids(shards_dir: str | os.PathLike[str]) -> list[str]:
     Evaluation draws its subset with `select_question_ids(list_question_ids(dir), N, seed)`.
     """
     return sorted(qa["id"] for meta in iter_eval_metas(shards_dir) for qa in meta["qa"])
+
+
+def question_rows(shards_dir: str | os.PathLike[str]) -> dict[int, str]:
+    """{row index in the source (dataset order): question id} of every question in a shard dir.
+
+    Raises:
+        ShardError: the shards were built before questions carried their row (rebuild them).
+    """
+    rows: dict[int, str] = {}
+    for meta in iter_eval_metas(shards_dir):
+        for qa in meta["qa"]:
+            if "row" not in qa:
+                raise ShardError(
+                    f"{shards_dir}: question {qa['id']} has no source row index (shards built by an older gqaru); "
+                    "rebuild them with `gqaru shards build` to use a row-based selection"
+                )
+            rows[int(qa["row"])] = qa["id"]
+    return rows

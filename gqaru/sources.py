@@ -20,6 +20,7 @@ are never decoded.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,18 @@ SELECTION_RULE = (
     "else ids[i] for i in numpy.random.default_rng(seed).permutation(len(ids))[:max_samples]"
 )
 """The selection rule in words, stored in every manifest so a reader can redo it elsewhere."""
+
+SEEDED = "seeded"
+SEED_REPORT = "seed-report"
+SELECTIONS = (SEEDED, SEED_REPORT)
+SEED_REPORT_TRAIN_ROWS = 2000
+SEED_REPORT_TESTDEV_QUESTIONS = 300
+SEED_REPORT_RULE = (
+    "row indices of {split}_balanced_instructions in dataset order (every row counted, rejected ones "
+    "too): train: range(2000), as select(range(2000)); testdev: rows = list(range(number of rows)); "
+    "random.Random(42).shuffle(rows); rows[:300]"
+)
+"""The seed report's two subsets (its public code, Olyaq/VK_VLM), exactly: row indices, not question ids."""
 
 EXAMPLES_PER_REASON = 5
 IMAGE_BATCH_ROWS = 32
@@ -112,6 +125,20 @@ def select_question_ids(ids: Iterable[str], max_samples: int | None, seed: int) 
     return sorted(unique_ids[int(position)] for position in positions)
 
 
+def seed_report_rows(split: str, total_rows: int) -> list[int]:
+    """The row indices (dataset order) of the seed report's subset of `split`, sorted.
+
+    train: its first 2,000 rows (`select(range(2000))`); testdev: the 300 rows of
+    `random.Random(42).shuffle(list(range(total_rows)))[:300]`, over all 12,216 rows of the real split.
+    """
+    _check_split(split)
+    if split == "train":
+        return list(range(min(SEED_REPORT_TRAIN_ROWS, total_rows)))
+    rows = list(range(total_rows))
+    random.Random(42).shuffle(rows)
+    return sorted(rows[:SEED_REPORT_TESTDEV_QUESTIONS])
+
+
 @dataclass(frozen=True)
 class Question:
     """One GQA-ru question, with the fields the shards keep."""
@@ -122,11 +149,14 @@ class Question:
     answer: str
     full_answer: str
     types: dict[str, str]
+    row: int
+    """Row index in the instructions config, dataset order (what the seed report's subsets name)."""
 
     def to_json(self) -> dict[str, Any]:
         """The question as it is stored in a shard sample's `json` (`qa` list entry)."""
         return {
             "id": self.id,
+            "row": self.row,
             "question": self.question,
             "answer": self.answer,
             "fullAnswer": self.full_answer,
@@ -250,24 +280,38 @@ class SplitReader:
     the questions and applies the text checks — each row is skipped under exactly one reason,
     checked in this order: missing_question_id, duplicate_question_id (the first row with an id
     wins, whatever its content), empty_question, empty_answer — then draws the selection with
-    `select_question_ids` over the questions that passed. Iterating streams the images once and
-    yields one `ImageQuestions` per image that has selected questions, in the images' order.
-    Questions lost afterwards (image missing, or rejected by the shard writer) are counted, not
-    replaced, so the selection stays a function of (ids, max_samples, seed) alone.
+    the selection: `select_question_ids` over the questions that passed (`selection="seeded"`), or
+    the seed report's rows (`selection="seed-report"`, `seed_report_rows`; max_samples and seed
+    are not used). Iterating streams the images once and yields one `ImageQuestions` per image
+    that has selected questions, in the images' order. Questions lost afterwards (text checks,
+    image missing, or rejected by the shard writer) are counted, not replaced, so the selection
+    stays a function of (ids, max_samples, seed), or of the row count, alone.
     """
 
-    def __init__(self, source: str, split: str, max_samples: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, source: str, split: str, max_samples: int | None = None, seed: int = 0, selection: str = SEEDED
+    ) -> None:
+        if selection not in SELECTIONS:
+            raise SourceError(f"unknown selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
         self.source = str(source)
         self.split = split
-        self.max_samples = max_samples
+        self.selection_name = selection
+        self.max_samples = None if selection == SEED_REPORT else max_samples
         self.seed = seed
         self.rejections = Rejections()
         instructions = _open_config(self.source, instructions_config(split), split, INSTRUCTION_COLUMNS)
         self._images = _open_config(self.source, images_config(split), split, IMAGE_COLUMNS)
         table = _read_table(instructions, INSTRUCTION_COLUMNS)
-        valid_rows, valid_ids = self._text_checks(table)
+        self.source_rows = table.num_rows
+        if selection == SEED_REPORT:
+            self.named_rows = seed_report_rows(split, table.num_rows)
+            valid_rows, valid_ids = self._text_checks(table, rows=self.named_rows)
+            selected = set(valid_ids)
+        else:
+            self.named_rows = None
+            valid_rows, valid_ids = self._text_checks(table)
+            selected = set(select_question_ids(valid_ids, max_samples, seed))
         self.available_questions = len(valid_ids)
-        selected = set(select_question_ids(valid_ids, max_samples, seed))
         image_ids = table.column("imageId").to_pylist()
         chosen = sorted(
             (_text(image_ids[row]), question_id, row)
@@ -277,7 +321,8 @@ class SplitReader:
         self.selected_questions = len(chosen)
         # The selected questions, grouped by image and sorted by id, held as one arrow table (a few
         # hundred bytes a question, ~5x less than Python objects); each image owns a row range.
-        self._questions = table.take(pa.array([row for _, _, row in chosen], type=pa.int64()))
+        self._rows = pa.array([row for _, _, row in chosen], type=pa.int64())
+        self._questions = table.take(self._rows)
         self._ranges: dict[str, tuple[int, int]] = {}
         for position, (image_id, _, _) in enumerate(chosen):
             first = self._ranges.get(image_id, (position, position))[0]
@@ -291,22 +336,41 @@ class SplitReader:
 
     def selection(self) -> dict[str, Any]:
         """The selection record stored in the manifest."""
+        if self.selection_name == SEED_REPORT:
+            return {
+                "name": SEED_REPORT,
+                "rule": SEED_REPORT_RULE.format(split=self.split),
+                "source_rows": self.source_rows,
+                "rows": len(self.named_rows),
+                "available": self.available_questions,
+                "selected": self.selected_questions,
+            }
         return {
+            "name": SEEDED,
             "max_samples": self.max_samples,
             "seed": self.seed,
             "rule": SELECTION_RULE,
+            "source_rows": self.source_rows,
             "available": self.available_questions,
             "selected": self.selected_questions,
         }
 
-    def _text_checks(self, table: pa.Table) -> tuple[list[int], list[str]]:
-        """Rows (and their ids) that pass the text checks; the others are counted by reason."""
+    def _text_checks(self, table: pa.Table, rows: list[int] | None = None) -> tuple[list[int], list[str]]:
+        """Rows (and their ids) that pass the text checks; the others are counted by reason.
+
+        `rows` limits the checks to those row indices (a named selection); the duplicate check
+        still sees every earlier row, so the first row with an id wins whatever is selected.
+        """
         ids, image_ids = table.column("id").to_pylist(), table.column("imageId").to_pylist()
         questions, answers = table.column("question").to_pylist(), table.column("answer").to_pylist()
-        rows: list[int] = []
+        wanted = None if rows is None else set(rows)
+        kept_rows: list[int] = []
         kept_ids: list[str] = []
         seen_ids: set[str] = set()
         for row, raw_id in enumerate(ids):
+            if wanted is not None and row not in wanted:
+                seen_ids.add(_text(raw_id))
+                continue
             question_id = _text(raw_id)
             if not question_id.strip():
                 self.rejections.add("missing_question_id", f"imageId={_text(image_ids[row])}")
@@ -321,9 +385,9 @@ class SplitReader:
             if not _text(answers[row]).strip():
                 self.rejections.add("empty_answer", question_id)
                 continue
-            rows.append(row)
+            kept_rows.append(row)
             kept_ids.append(question_id)
-        return rows, kept_ids
+        return kept_rows, kept_ids
 
     def _questions_of(self, image_id: str) -> list[Question]:
         first, stop = self._ranges[image_id]
@@ -335,8 +399,13 @@ class SplitReader:
                 answer=_text(row["answer"]),
                 full_answer=_text(row["fullAnswer"]),
                 types={str(key): _text(value) for key, value in (row["types"] or {}).items()},
+                row=row_index,
             )
-            for row in self._questions.slice(first, stop - first).to_pylist()
+            for row, row_index in zip(
+                self._questions.slice(first, stop - first).to_pylist(),
+                self._rows.slice(first, stop - first).to_pylist(),
+                strict=True,
+            )
         ]
 
     def __iter__(self) -> Iterator[ImageQuestions]:

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic GQA-ru dataset in the hub repo's layout (both splits)."""
-    from gqaru.synth import write_synthetic_gqa
+    from gqaru.standins.synth import write_synthetic_gqa
 
     out = tmp_path_factory.mktemp("synth") / "gqa-ru"
     write_synthetic_gqa(out, train_questions=600, testdev_questions=310, seed=0)
@@ -30,8 +30,23 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA (preset "tiny"), saved with save_pretrained."""
-    from gqaru.tiny import build_tiny_model
+    from gqaru.standins.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-llava"
     build_tiny_model(out, preset="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A replica of deepvk/llava-gemma-2b-lora: the hub's files and configs, the real Gemma tokenizer
+    and chat template, narrow random weights biased so that greedy answers vary (`--vary-answers`).
+
+    Needs the real tokenizer in the cache (`make setup` fetches it); without it this fixture fails with
+    the message saying how to get it: these tests never skip silently.
+    """
+    from gqaru.standins.replica import build_replica
+
+    out = tmp_path_factory.mktemp("replica") / "llava-gemma-2b"
+    build_replica("deepvk/llava-gemma-2b-lora", out, seed=0, vary_answers=True)
     return out

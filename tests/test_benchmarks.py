@@ -79,7 +79,7 @@ def test_flops_formula_counts_the_weights_the_model_has(tiny_model_dir: Path) ->
     assert counts["embedding"] == model.get_input_embeddings().weight.numel()
 
     # The full-size shapes: Gemma-2b's decoder layers hold ~1.98 B weights, CLIP ViT-L ~0.30 B.
-    from gqaru.tiny import PRESETS
+    from gqaru.standins.tiny import PRESETS
 
     big = PRESETS["gemma-2b-shapes"]
     big_dims = {

@@ -159,7 +159,7 @@ def test_image_tokens_match_the_vision_tower(processor, model) -> None:
 
 
 def test_real_shape_preset_has_576_image_tokens(tmp_path: Path) -> None:
-    from gqaru.tiny import build_tiny_model
+    from gqaru.standins.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path / "real", preset="real-shape", seed=0)
     processor = AutoProcessor.from_pretrained(out)

@@ -25,7 +25,7 @@ def test_every_shipped_config_loads(path: Path) -> None:
     assert load_config(None, []) != config, "a shipped config that sets nothing is dead weight"
 
 
-def test_seed_run_settings() -> None:
+def test_real_run_settings() -> None:
     config = load_config(REPO_ROOT / "configs/train_lora.yaml")
     assert config.model.name_or_path == "deepvk/llava-gemma-2b-lora"
     assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 32, 0.05)
@@ -36,13 +36,22 @@ def test_seed_run_settings() -> None:
     qlora = load_config(REPO_ROOT / "configs/train_qlora.yaml")
     assert qlora.model.quantization == "4bit"
     evaluation = load_config(REPO_ROOT / "configs/eval_testdev.yaml")
-    assert (evaluation.eval.max_samples, evaluation.eval.seed) == (300, 42)
+    assert evaluation.eval.selection == "seed-report"  # the seed report's 300 rows, not a draw over ids
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
     config = load_config(REPO_ROOT / "configs/train_lora.yaml", ["train.lr=3e-5", "eval.max_samples=all"])
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
+    named = load_config(REPO_ROOT / "configs/eval_testdev.yaml")
+    save_config(named, tmp_path / "named.yaml")
+    assert load_config(tmp_path / "named.yaml") == named
+
+
+def test_a_named_selection_refuses_the_keys_it_ignores() -> None:
+    with pytest.raises(ConfigError, match="eval.selection=seed-report fixes the questions.*eval.max_samples"):
+        load_config(REPO_ROOT / "configs/eval_testdev.yaml", ["eval.max_samples=all"])
+    assert load_config(REPO_ROOT / "configs/eval_testdev.yaml", ["eval.selection=seeded", "eval.max_samples=all"])
 
 
 def test_overrides_are_typed() -> None:

@@ -1,10 +1,12 @@
-"""Evaluation: prefix-KV answers equal plain generate, batch size and process count change nothing,
-each selected question is answered once, and the run's files appear and load.
+"""Evaluation: predictions equal the reference loop (lmms-eval's llava_hf, one plain `generate` per
+question), whatever the batch size, prefix reuse or process count; each selected question is
+answered once; the run's files appear and load.
 
-The untrained tiny model echoes "\\n" for every prompt (tied embeddings dominate its residual
-stream), so equal predictions would prove nothing. The model here is the tiny one with seeded
-noise on its layer weights: its answers differ from question to question and from image to image
-(checked below), so any slip in the image prefix, the positions or the padding shows up.
+Two models. The replica of deepvk/llava-gemma-2b-lora (real files, tokenizer and template; weights
+biased so answers vary, often pass through `<end_of_turn>` and sometimes stop at `<eos>`), and the
+tiny model with seeded noise on its layers (its template writes `<bos>` itself). Answers differ from
+question to question and from image to image (checked below), so any slip in the prompt, the image
+prefix, the positions, the padding or the stop rule shows up.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from typing import Any
 
 import pytest
 import torch
+from lmms_eval_reference import reference_answers
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from gqaru.collate import GenerationCollator
 from gqaru.config import ModelConfig, load_config
-from gqaru.evaluate import Answerer, EvaluationError, check_complete, main, predict
+from gqaru.cli import main as cli_main
+from gqaru.evaluate import Answerer, EvaluationError, check_complete, main, predict, select_questions
 from gqaru.metrics import exact_match, read_predictions
 from gqaru.modeling import load_for_inference, load_processor
-from gqaru.shards import build_shards, iter_eval_samples, list_question_ids
+from gqaru.shards import ShardError, build_shards, iter_eval_samples, list_question_ids, read_manifest
 from gqaru.sources import select_question_ids
 
 QUESTIONS = 40
@@ -58,6 +61,11 @@ def noisy_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+@pytest.fixture(scope="module", params=["replica", "tiny"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("replica_dir" if request.param == "replica" else "noisy_model_dir")
+
+
 @pytest.fixture(scope="module")
 def testdev_shards(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """310 synthetic testdev questions over 10 images, 3 images per shard."""
@@ -72,27 +80,29 @@ def selected_ids(testdev_shards: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def loaded(noisy_model_dir: Path) -> tuple[torch.nn.Module, Any]:
-    torch.manual_seed(0)
-    model = load_for_inference(ModelConfig(name_or_path=str(noisy_model_dir), dtype="fp32"), "cpu")
-    return model, load_processor(noisy_model_dir)
+def loaded(model_dir: Path) -> tuple[torch.nn.Module, Any]:
+    model = load_for_inference(ModelConfig(name_or_path=str(model_dir), dtype="fp32"), "cpu")
+    return model, load_processor(model_dir)
+
+
+def _reference(model_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
+    items = [
+        (qa["id"], sample["image"], qa["question"])
+        for sample in iter_eval_samples(testdev_shards, question_ids=selected_ids)
+        for qa in sample["meta"]["qa"]
+    ]
+    return reference_answers(model_dir, items)
 
 
 @pytest.fixture(scope="module")
-def reference(loaded, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
-    """One plain `generate` with pixel_values per question (no batching, no cache tricks)."""
-    model, processor = loaded
-    collator = GenerationCollator(processor)
-    generation_config = Answerer(model, processor, max_new_tokens=16).generation_config
-    answers = {}
-    for sample in iter_eval_samples(testdev_shards, question_ids=selected_ids):
-        for qa in sample["meta"]["qa"]:
-            inputs = collator([{"image": sample["image"], "question": qa["question"]}])
-            with torch.no_grad():
-                output = model.generate(**inputs, generation_config=generation_config)
-            new_tokens = output[0, inputs["input_ids"].shape[1] :]
-            answers[qa["id"]] = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    return answers
+def reference(model_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
+    """The reference loop's answers (tests/lmms_eval_reference.py): no gqaru code involved."""
+    return _reference(model_dir, testdev_shards, selected_ids)
+
+
+@pytest.fixture(scope="module")
+def replica_reference(replica_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
+    return _reference(replica_dir, testdev_shards, selected_ids)
 
 
 def _predict(loaded, samples, batch_size: int, reuse: bool) -> dict[str, str]:
@@ -106,8 +116,8 @@ def test_reference_answers_vary(reference: dict[str, str], selected_ids: list[st
     assert len(set(reference.values())) > QUESTIONS * 0.8  # otherwise the comparisons below are vacuous
 
 
-@pytest.mark.parametrize(("batch_size", "reuse"), [(8, True), (1, True), (16, True), (5, False)])
-def test_predictions_equal_plain_generate_per_question(
+@pytest.mark.parametrize(("batch_size", "reuse"), [(1, True), (16, True), (5, False)])
+def test_predictions_equal_the_reference_loop(
     loaded, reference: dict[str, str], testdev_shards: Path, selected_ids: list[str], batch_size: int, reuse: bool
 ) -> None:
     samples = iter_eval_samples(testdev_shards, question_ids=selected_ids)
@@ -127,38 +137,56 @@ def test_answers_depend_on_the_image(loaded, reference: dict[str, str], testdev_
 
 
 @pytest.mark.parametrize("reuse", [True, False])
-def test_generation_stops_at_end_of_turn_and_is_stripped(loaded, testdev_shards: Path, selected_ids: list[str], reuse: bool) -> None:
-    """Force the model to say "<word>", "\\n", <end_of_turn>: the prediction is "<word>" alone."""
-    model, processor = loaded
+def test_generation_stops_at_eos_only_and_the_end_of_turn_reading_is_second(
+    replica_dir: Path, testdev_shards: Path, selected_ids: list[str], reuse: bool
+) -> None:
+    """Force "да", <end_of_turn>, "нет", <eos>, "да"...: lmms-eval's reading runs to <eos> and skips the
+    special token ("данет"); the secondary reading stops at <end_of_turn> ("да")."""
+    model = load_for_inference(ModelConfig(name_or_path=str(replica_dir), dtype="fp32"), "cpu")
+    processor = load_processor(replica_dir)
     tokenizer = processor.tokenizer
-    word = tokenizer.encode("да", add_special_tokens=False)[0]
-    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    yes, no = (tokenizer.convert_tokens_to_ids(piece) for piece in ("да", "нет"))
+    script = [yes, tokenizer.convert_tokens_to_ids("<end_of_turn>"), no, tokenizer.eos_token_id]
 
     def force_next_token(module, args, kwargs, output):
         input_ids = kwargs["input_ids"]
         logits = torch.full_like(output.logits[:, -1], -1e4)
         for row in range(input_ids.shape[0]):
             last = int(input_ids[row, -1])
-            if input_ids.shape[1] > 1:
-                forced = word  # the prompt (prefill): first new token
-            elif last == word:
-                forced = newline
-            elif last == newline:
-                forced = end_of_turn
-            else:
-                forced = word + 1  # only reached if generation went on past <end_of_turn>
-            logits[row, forced] = 0.0
+            step = 0 if input_ids.shape[1] > 1 else script.index(last) + 1 if last in script[:-1] else -1
+            logits[row, script[step] if step >= 0 else yes] = 0.0
         output.logits[:, -1] = logits
         return output
 
     handle = model.register_forward_hook(force_next_token, with_kwargs=True)
     try:
         samples = iter_eval_samples(testdev_shards, question_ids=selected_ids[:10])
-        predictions = _predict(loaded, samples, batch_size=4, reuse=reuse)
+        answerer = Answerer(model, processor, max_new_tokens=16, reuse_image_prefix=reuse)
+        records = predict(answerer, samples, batch_size=4)
     finally:
         handle.remove()
-    assert set(predictions.values()) == {tokenizer.decode([word])}
+    assert {record["prediction"] for record in records} == {"данет"}
+    assert {record["prediction_at_end_of_turn"] for record in records} == {"да"}
+
+
+def test_seed_report_selection_is_the_same_at_build_and_at_evaluation(
+    synth_dir: Path, testdev_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its 300 testdev rows: chosen while building (`--selection seed-report`) or out of shards of the
+    whole split (`eval.selection=seed-report`), the same questions; shards without them are refused."""
+    named = tmp_path / "seed-report"
+    assert cli_main(["shards", "build", "--source", str(synth_dir), "--split", "testdev", "--out", str(named),
+                     "--selection", "seed-report"]) == 0  # fmt: skip
+    built = list_question_ids(named)
+    assert len(built) == 300 and read_manifest(named)["selection"]["name"] == "seed-report"
+    for shards in (testdev_shards, named):
+        assert select_questions(load_config(None, [f"eval.shards={shards}", "eval.selection=seed-report"])) == built
+
+    subset = tmp_path / "subset"
+    build_shards(str(synth_dir), split="testdev", out_dir=subset, max_samples=100, verbose=False)
+    with pytest.raises(ShardError, match=r"of its 300 rows are not in"):
+        select_questions(load_config(None, [f"eval.shards={subset}", "eval.selection=seed-report"]))
+    capsys.readouterr()
 
 
 def test_check_complete_names_every_kind_of_gap() -> None:
@@ -175,7 +203,7 @@ def _write_config(directory: Path, model_dir: Path, shards: Path) -> Path:
     path = directory / "eval.yaml"
     path.write_text(
         f"model:\n  name_or_path: {model_dir}\n  dtype: fp32\n"
-        f"eval:\n  shards: {shards}\n  max_samples: {QUESTIONS}\n  seed: {SELECTION_SEED}\n  batch_size: 3\n"
+        f"eval:\n  shards: {shards}\n  max_samples: {QUESTIONS}\n  seed: {SELECTION_SEED}\n  batch_size: 16\n"
         f"output:\n  dir: {directory / 'runs'}\n  run_name: one\n",
         encoding="utf-8",
     )
@@ -183,24 +211,27 @@ def _write_config(directory: Path, model_dir: Path, shards: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process_run(noisy_model_dir: Path, testdev_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_process_run(replica_dir: Path, testdev_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`gqaru.evaluate` on the replica, batch 16, one process."""
     directory = tmp_path_factory.mktemp("eval-run")
-    config_path = _write_config(directory, noisy_model_dir, testdev_shards)
+    config_path = _write_config(directory, replica_dir, testdev_shards)
     assert main([str(config_path)]) == 0
     return directory
 
 
 def test_run_writes_predictions_metrics_report_and_config(
-    one_process_run: Path, selected_ids: list[str], reference: dict[str, str]
+    one_process_run: Path, selected_ids: list[str], replica_reference: dict[str, str]
 ) -> None:
     run_dir = one_process_run / "runs" / "one"
     lines = (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     assert [record["id"] for record in records] == selected_ids  # each selected question once, sorted
     for record in records:
-        assert list(record) == ["id", "imageId", "question", "answer", "prediction", "correct", "types"]
+        assert list(record) == [
+            "id", "imageId", "question", "answer", "prediction", "correct", "prediction_at_end_of_turn", "types",
+        ]
         assert record["correct"] == exact_match(record["prediction"], record["answer"])
-        assert record["prediction"] == reference[record["id"]]
+        assert record["prediction"] == replica_reference[record["id"]]
     assert read_predictions(run_dir / "predictions.jsonl") == records
 
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -209,6 +240,10 @@ def test_run_writes_predictions_metrics_report_and_config(
     assert metrics["run"]["processes"] == 1
     assert metrics["run"]["image_prefix_reuse"] is True
     assert metrics["run"]["questions_per_second"] > 0
+    at_end_of_turn = sum(exact_match(record["prediction_at_end_of_turn"], record["answer"]) for record in records)
+    assert metrics["end_of_turn_stop"]["correct"] == at_end_of_turn
+    assert "NOT lmms-eval" in metrics["end_of_turn_stop"]["label"]
+    assert sum(record["prediction"] != record["prediction_at_end_of_turn"] for record in records) > QUESTIONS / 4
 
     assert "<html" in (run_dir / "report.html").read_text(encoding="utf-8").lower()
     assert (run_dir / "report.md").read_text(encoding="utf-8").strip()
@@ -218,9 +253,9 @@ def test_run_writes_predictions_metrics_report_and_config(
 
 def test_selection_and_predictions_do_not_depend_on_batch_size(one_process_run: Path) -> None:
     config_path = one_process_run / "eval.yaml"
-    assert main([str(config_path), "eval.batch_size=8", "eval.report=false", "output.run_name=batch8"]) == 0
+    assert main([str(config_path), "eval.batch_size=1", "eval.report=false", "output.run_name=batch1"]) == 0
     first = (one_process_run / "runs" / "one" / "predictions.jsonl").read_text(encoding="utf-8")
-    second_dir = one_process_run / "runs" / "batch8"
+    second_dir = one_process_run / "runs" / "batch1"
     assert (second_dir / "predictions.jsonl").read_text(encoding="utf-8") == first
     assert not (second_dir / "report.html").exists()
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from gqaru import synth
+from gqaru.standins import synth
 from gqaru.cli import main as cli_main
 from gqaru.collate import IGNORE_INDEX, TrainingCollator
-from gqaru.pretrain import (
+from gqaru.standins.pretrain import (
     ABSENT,
     Example,
     content_words,
@@ -26,7 +26,7 @@ from gqaru.pretrain import (
     pretraining_data,
     word_accuracy,
 )
-from gqaru.tiny import BUILD_INFO_FILE, build_tiny_model
+from gqaru.standins.tiny import BUILD_INFO_FILE, build_tiny_model
 
 
 def test_examples_describe_every_object_from_its_colour() -> None:

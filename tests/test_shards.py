@@ -136,7 +136,8 @@ def test_selected_build_holds_exactly_the_selection(synth_dir: Path, tmp_path: P
     expected = set(select_question_ids(list(questions), 100, seed=5))
     check_shard_dir(tmp_path / "sel", expected, questions)
     assert manifest["selection"] | {"rule": None} == {
-        "max_samples": 100, "seed": 5, "rule": None, "available": 600, "selected": 100,
+        "name": "seeded", "max_samples": 100, "seed": 5, "rule": None, "source_rows": 600, "available": 600,
+        "selected": 100,
     }
     again = build_shards(str(synth_dir), split="train", out_dir=tmp_path / "again", max_samples=100, seed=5, verbose=False)
     assert [shard["sha256"] for shard in again["shards"]] == [shard["sha256"] for shard in manifest["shards"]]

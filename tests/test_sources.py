@@ -24,6 +24,7 @@ from gqaru.sources import (
     SplitReader,
     images_config,
     instructions_config,
+    seed_report_rows,
     select_question_ids,
 )
 
@@ -132,7 +133,8 @@ def test_join_gives_each_selected_question_once_with_its_image(tmp_path: Path) -
     assert reader.selection()["available"] == reader.selection()["selected"] == 12
     first = items[0].questions[0].to_json()
     assert first == {
-        "id": "q00", "question": "Какого цвета круг?", "answer": "красного", "fullAnswer": "Круг красного.", "types": TYPES,
+        "id": "q00", "row": 0, "question": "Какого цвета круг?", "answer": "красного", "fullAnswer": "Круг красного.",
+        "types": TYPES,
     }
 
 
@@ -143,7 +145,9 @@ def test_selection_then_grouping_by_image(tmp_path: Path) -> None:
     reader = SplitReader(str(source), "train", max_samples=7, seed=11)
     selected = sorted(question.id for item in reader for question in item.questions)
     assert selected == select_question_ids([row["id"] for row in questions], 7, seed=11)
-    assert reader.selection() | {"rule": None} == {"max_samples": 7, "seed": 11, "rule": None, "available": 60, "selected": 7}
+    assert reader.selection() | {"rule": None} == {
+        "name": "seeded", "max_samples": 7, "seed": 11, "rule": None, "source_rows": 60, "available": 60, "selected": 7,
+    }
 
 
 def test_text_checks_and_join_rejections_are_counted(tmp_path: Path) -> None:
@@ -185,6 +189,36 @@ def test_text_checks_and_join_rejections_are_counted(tmp_path: Path) -> None:
     assert reader.selection()["available"] == 3  # q1, q4, q5 pass the text checks; q4 is lost at the join
     with pytest.raises(RuntimeError, match="once"):
         list(reader)
+
+
+def test_seed_report_rows_are_the_seed_codes_rows() -> None:
+    """Its public code: select(range(2000)) of train; random.Random(42).shuffle over testdev's 12,216
+    row indices, first 300. Pinned, so a change of rule cannot pass unnoticed."""
+    assert seed_report_rows("train", 40_000) == list(range(2000))
+    assert seed_report_rows("train", 600) == list(range(600))
+    rows = seed_report_rows("testdev", 12_216)
+    assert len(rows) == 300 == len(set(rows)) and rows == sorted(rows)
+    assert rows[:8] == [55, 63, 64, 71, 82, 102, 144, 232] and rows[-3:] == [12095, 12103, 12175]
+    assert sum(rows) == 1_839_758
+
+
+def test_seed_report_selection_counts_rows_not_ids(tmp_path: Path) -> None:
+    """Rows in dataset order, not sorted ids; a rejected row is counted, never replaced by another."""
+    images = [("img0", jpeg_bytes()), ("img1", jpeg_bytes())]
+    questions = [question_row(f"z{999 - index:03d}", f"img{index % 2}") for index in range(408)]  # ids run backwards
+    questions[4] = question_row("z995", "img0", question=" ")  # empty
+    questions[200] = question_row("z999", "img0")  # a duplicate of row 0's id
+    source = write_source(tmp_path / "src", {"testdev": (questions, images)})
+    wanted = seed_report_rows("testdev", len(questions))
+    assert {0, 4, 200} <= set(wanted) and 3 not in wanted
+    reader = SplitReader(str(source), "testdev", selection="seed-report")
+    by_row = {question.row: question.id for item in reader for question in item.questions}
+    expected = {row: questions[row]["id"] for row in wanted if row not in (4, 200)}
+    assert by_row == expected
+    assert reader.rejections.count("empty_question") == 1 and reader.rejections.count("duplicate_question_id") == 1
+    selection = reader.selection()
+    assert selection["name"] == "seed-report" and selection["rows"] == 300 and selection["source_rows"] == 408
+    assert selection["selected"] == len(expected)
 
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:

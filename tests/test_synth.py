@@ -17,7 +17,7 @@ import pytest
 from datasets import Image, List, Value
 from PIL import Image as PILImage
 
-from gqaru import synth
+from gqaru.standins import synth
 from gqaru.cli import main as cli_main
 
 datasets.disable_progress_bars()

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from gqaru.tiny import (
+from gqaru.standins.tiny import (
     PRESETS,
     SPECIAL_TOKENS,
     TinyLlavaDims,

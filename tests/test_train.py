@@ -286,3 +286,69 @@ def test_single_device_launch_configs_run_the_loop(
     config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 2, "save_merged": False})
     run(train_command(config, launch=launch))
     assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_whole_pipeline_on_the_replica(tmp_path: Path, replica_dir: Path, small_shards: Path, synth_dir: Path) -> None:
+    """deepvk/llava-gemma-2b-lora's replica through the three commands: train 2 steps (LoRA, activation
+    checkpointing, as configs/train_lora.yaml), export; the merged model loads in stock transformers,
+    builds the base model's prompts and answers as the adapter does; evaluate equals the reference loop."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from lmms_eval_reference import prompt_text, reference_answers, reference_inputs, reference_processor
+
+    from gqaru import evaluate, train
+    from gqaru.shards import iter_eval_samples
+
+    config = write_config(
+        tmp_path, replica_dir, small_shards,
+        lora={"train_projector": False}, train={"max_steps": 2, "gradient_checkpointing": True},
+    )  # fmt: skip
+    assert train.main([str(config)]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    merged = run_dir / "merged"
+
+    check = (
+        "import sys, torch\n"
+        "from PIL import Image\n"
+        "from transformers import LlavaForConditionalGeneration\n"
+        "from peft import PeftModel\n"
+        f"sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})\n"
+        "from lmms_eval_reference import reference_inputs, reference_processor\n"
+        f"base = LlavaForConditionalGeneration.from_pretrained({str(replica_dir)!r})\n"
+        f"adapted = PeftModel.from_pretrained(base, {str(run_dir / 'adapter')!r}).eval()\n"
+        f"merged = LlavaForConditionalGeneration.from_pretrained({str(merged)!r}).eval()\n"
+        f"inputs = reference_inputs(reference_processor({str(merged)!r}), Image.new('RGB', (50, 40), (9, 99, 199)), 'Где шар?')\n"
+        "with torch.no_grad():\n"
+        "    gap = (adapted(**inputs).logits - merged(**inputs).logits).abs().max().item()\n"
+        "assert gap < 1e-3, gap\n"
+        "assert not any(name.startswith('gqaru') for name in sys.modules)\n"
+        "print('ok', gap)\n"
+    )
+    assert run([sys.executable, "-c", check]).stdout.startswith("ok")
+    image = next(iter_eval_samples(small_shards))["image"]
+    base_processor, merged_processor = reference_processor(replica_dir), reference_processor(merged)
+    for question in ("Где шар?", "Какого цвета фон?"):
+        assert prompt_text(merged_processor.tokenizer, question) == prompt_text(base_processor.tokenizer, question)
+        assert torch.equal(
+            reference_inputs(merged_processor, image, question)["input_ids"],
+            reference_inputs(base_processor, image, question)["input_ids"],
+        )
+
+    testdev = tmp_path / "testdev"
+    build_shards(str(synth_dir), split="testdev", out_dir=testdev, samples_per_shard=4, verbose=False)
+    evaluation = (
+        f"model:\n  name_or_path: {merged}\n  dtype: fp32\n"
+        f"eval:\n  shards: {testdev}\n  max_samples: 24\n  seed: 0\n  batch_size: 8\n  report: false\n"
+        f"output:\n  dir: {tmp_path / 'runs'}\n  run_name: eval\n"
+    )
+    (tmp_path / "eval.yaml").write_text(evaluation)
+    assert evaluate.main([str(tmp_path / "eval.yaml")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    selected = {record["id"] for record in records}
+    items = [
+        (qa["id"], sample["image"], qa["question"])
+        for sample in iter_eval_samples(testdev, question_ids=selected)
+        for qa in sample["meta"]["qa"]
+    ]
+    reference = reference_answers(merged, items)
+    assert len(records) == 24 and {record["id"]: record["prediction"] for record in records} == reference

@@ -1,7 +1,7 @@
 """The tiny LLaVA's pretraining: a few CPU minutes that stand in for what the real base brings.
 
 `deepvk/llava-gemma-2b-lora` is fine-tuned from a model that already finds things in an image
-from a word, and already reads a question. The tiny LLaVA of `gqaru.tiny` starts from random
+from a word, and already reads a question. The tiny LLaVA of `gqaru.standins.tiny` starts from random
 weights, and LoRA on a random base learns the answer prior and nothing of the images: the adapters
 do not build, from nothing, the attention that goes from «красная» to the red patches
 (benchmarks/README.md, "Learning probes"). `gqaru tiny-model --pretrain-steps N` therefore trains
@@ -27,7 +27,7 @@ halves the steps each cue gets, and in 2,500 steps the colour cue then found an 
 No answer and no image of a `gqaru synth` split is used (`synth.random_scenes` draws scenes from
 a stream of their own), so the fine-tuning that follows still has to teach the answers.
 
-    from gqaru.pretrain import pretrain
+    from gqaru.standins.pretrain import pretrain
     report = pretrain(model, processor, steps=2800, seed=0)   # what `make demo` builds
 """
 
@@ -47,7 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from gqaru import synth
+from gqaru.standins import synth
 from gqaru.collate import IGNORE_INDEX, EncodedSequence, TrainingCollator
 from gqaru.modeling import answer_only_loss
 from gqaru.prompts import Turn, tokenize_conversation

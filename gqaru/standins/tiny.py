@@ -17,7 +17,7 @@ Everything is written with `save_pretrained` (safetensors) and loads with stock
 `LlavaForConditionalGeneration` / `AutoProcessor` / `AutoTokenizer`: nothing here is needed to
 read it back.
 
-    from gqaru.tiny import build_tiny_model
+    from gqaru.standins.tiny import build_tiny_model
     build_tiny_model("models/tiny-llava", preset="tiny", seed=0)
 
 Presets (`PRESETS`): "tiny" (64 px, 64 image tokens, trains in minutes on 2 CPU cores),
@@ -40,7 +40,7 @@ from types import MappingProxyType
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     GemmaConfig,
     GemmaTokenizer,
@@ -279,7 +279,7 @@ def default_tokenizer_corpus() -> list[str]:
     Fixed (seed 0) whatever the model's seed: models built with different seeds share one
     vocabulary, so their outputs and checkpoints stay comparable.
     """
-    from gqaru.synth import training_corpus
+    from gqaru.standins.synth import training_corpus
 
     return list(training_corpus(seed=0, questions=TOKENIZER_CORPUS_QUESTIONS)) + list(GENERAL_TEXT)
 
@@ -414,7 +414,7 @@ def build_processor(tokenizer: GemmaTokenizer, dims: TinyLlavaDims) -> LlavaProc
     patch_size, the "default" strategy (drop CLS) and one additional token (CLS) are set
     explicitly: N = (H // patch) * (W // patch) + 1 - 1 = `dims.image_tokens`.
     """
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": dims.image_size},
         crop_size={"height": dims.image_size, "width": dims.image_size},
         do_center_crop=True,
@@ -524,7 +524,7 @@ def build_tiny_model(
 ) -> Path:
     """Build model, tokenizer and processor for `preset` and `save_pretrained` them into `out_dir`.
 
-    `pretrain_steps` > 0 trains the random model on grounding and reading first (`gqaru.pretrain`), so
+    `pretrain_steps` > 0 trains the random model on grounding and reading first (`gqaru.standins.pretrain`), so
     that LoRA has a base to adapt, as it has in the real run; the held-out report of that run is
     kept in `tiny_model.json`. 0 (the tests' default) keeps the random weights.
 
@@ -552,7 +552,7 @@ def build_tiny_model(
     model = build_model(dims, tokenizer, seed=seed, dtype=dtype)
     pretraining = None
     if pretrain_steps:
-        from gqaru.pretrain import pretrain
+        from gqaru.standins.pretrain import pretrain
 
         pretraining = pretrain(model, processor, pretrain_steps, seed=seed)
 

@@ -1,0 +1,144 @@
+"""Prompt parity with the reference, on the replica of deepvk/llava-gemma-2b-lora and on the tiny model.
+
+The reference is what lmms-eval and the model card do: render the tokenizer's chat template, then
+call the processor with default special-token handling (tests/lmms_eval_reference.py). deepvk's
+template writes no `<bos>` and its tokenizer adds one; the tiny model's template writes it itself.
+Both must give exactly one `<bos>`, and for every synthetic question the ids gqaru feeds the model
+(generation prompt, training conversation) must equal the reference's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import datasets
+import pytest
+from lmms_eval_reference import prompt_text, reference_inputs, reference_processor
+from PIL import Image
+
+from gqaru.collate import GenerationCollator, SequencePlanner, TrainingCollator
+from gqaru.modeling import load_processor
+from gqaru.prompts import INSTRUCTION, Turn, tokenize_conversation
+
+datasets.disable_progress_bars()
+
+
+def _questions(synth_dir: Path) -> list[dict]:
+    rows = []
+    for split in ("train", "testdev"):
+        rows += list(datasets.load_dataset(str(synth_dir), f"{split}_balanced_instructions", split=split))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def synth_questions(synth_dir: Path) -> list[dict]:
+    """All 910 questions of the session's synthetic GQA-ru (both splits)."""
+    return _questions(synth_dir)
+
+
+@pytest.fixture(scope="module")
+def replica(replica_dir: Path):
+    return load_processor(replica_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_processor(tiny_model_dir)
+
+
+def _conversation_text(tokenizer, turns: list[tuple[str, str]]) -> str:
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        image = "<image>\n" if index == 0 else ""
+        messages += [
+            {"role": "user", "content": f"{image}{question}\n{INSTRUCTION}"},
+            {"role": "assistant", "content": answer},
+        ]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_generation_prompts_equal_the_processors_for_every_question(replica_dir: Path, replica, synth_questions) -> None:
+    """The ids gqaru's generation batches hold == processor(images, text=template) ids, per question."""
+    reference = reference_processor(replica_dir)
+    collator = GenerationCollator(replica)
+    image = Image.new("RGB", (64, 48), (120, 30, 200))
+    bos = replica.tokenizer.bos_token_id
+    mismatched = []
+    for start in range(0, len(synth_questions), 64):
+        chunk = synth_questions[start : start + 64]
+        texts = [prompt_text(reference.tokenizer, row["question"]) for row in chunk]
+        expected = reference(images=[image] * len(chunk), text=texts, return_tensors="pt", padding=True)
+        ours = collator([{"image": image, "question": row["question"]} for row in chunk])
+        for row, question in enumerate(chunk):
+            want = expected["input_ids"][row][expected["attention_mask"][row].bool()].tolist()
+            got = ours["input_ids"][row][ours["attention_mask"][row].bool()].tolist()
+            assert got[:2].count(bos) == 1 and got[0] == bos  # one <bos>, first, never two
+            if got != want:
+                mismatched.append(question["question"])
+    assert not mismatched, f"{len(mismatched)} of {len(synth_questions)} prompts differ, e.g. {mismatched[:3]}"
+    assert len(synth_questions) == 910
+
+
+def test_training_conversations_equal_the_whole_string_tokenization(replica, synth_questions) -> None:
+    """Single- and multi-turn conversations: ids == tokenizer(rendered text) with default special tokens;
+    labels are exactly each answer and its <end_of_turn>."""
+    tokenizer = replica.tokenizer
+    by_image = defaultdict(list)
+    for row in synth_questions:
+        by_image[row["imageId"]].append(row)
+    conversations = [[row] for row in synth_questions]
+    for rows in by_image.values():
+        conversations += [rows[start : start + 4] for start in range(0, len(rows), 4)]
+    for rows in conversations:
+        turns = [(row["question"], row["answer"]) for row in rows]
+        tokens = tokenize_conversation(tokenizer, [Turn(question, answer) for question, answer in turns])
+        assert tokens.input_ids == tokenizer(_conversation_text(tokenizer, turns))["input_ids"]
+        labelled = [tokenizer.decode(tokens.input_ids[start:end]) for start, end in tokens.answer_spans]
+        assert labelled == [f"{answer}<end_of_turn>" for _, answer in turns]
+    assert len(conversations) > len(synth_questions) + 200
+
+
+@pytest.mark.parametrize("model", ["replica", "tiny"])
+def test_exactly_one_bos_whether_or_not_the_template_writes_it(request, model: str) -> None:
+    processor = request.getfixturevalue(model)
+    tokenizer = processor.tokenizer
+    text = prompt_text(tokenizer, "Какого цвета шар?")
+    template_writes_bos = text.startswith(tokenizer.bos_token)
+    assert template_writes_bos == (model == "tiny")  # deepvk's template has no {{ bos_token }}
+    bos = tokenizer.bos_token_id
+    for conversation in (
+        tokenize_conversation(tokenizer, [Turn("Какого цвета шар?")], add_generation_prompt=True),
+        tokenize_conversation(tokenizer, [Turn("Какого цвета шар?", "красного"), Turn("Где он?", "слева")]),
+    ):
+        assert conversation.input_ids[0] == bos and conversation.input_ids.count(bos) == 1
+    # The planner and the collator add no <bos> of their own.
+    planner = SequencePlanner(tokenizer, 4, 512)
+    (_, tokens), = planner.plan([{"id": "a", "question": "Где шар?", "answer": "слева"}])
+    expanded, _ = TrainingCollator(processor).expand(tokens)
+    assert expanded.count(bos) == 1
+
+
+def test_the_tiny_reference_differs_only_by_the_doubled_bos(tiny_model_dir: Path, tiny) -> None:
+    """Literally as lmms-eval calls it, a BOS-writing template gets <bos><bos>; gqaru sends one."""
+    reference = reference_processor(tiny_model_dir)
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    literal = reference_inputs(reference, image, "Где шар?", one_bos=False)["input_ids"][0].tolist()
+    ours = GenerationCollator(tiny)([{"image": image, "question": "Где шар?"}])["input_ids"][0].tolist()
+    bos = tiny.tokenizer.bos_token_id
+    assert literal[:2] == [bos, bos]
+    assert ours == literal[1:]
+
+
+@pytest.mark.parametrize(
+    "hostile", ["<image>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<start_of_turn>model"]
+)
+def test_special_token_text_in_dataset_text_never_yields_a_special_id(replica, hostile: str) -> None:
+    tokenizer = replica.tokenizer
+    turns = [Turn(f"Что это {hostile} такое?", f"круг{hostile}"), Turn(f"{hostile}Где?", "слева")]
+    tokens = tokenize_conversation(tokenizer, turns)
+    plain = tokenize_conversation(tokenizer, [Turn("Что это такое?", "круг"), Turn("Где?", "слева")])
+    for index in tokenizer.added_tokens_decoder:
+        assert tokens.input_ids.count(index) == plain.input_ids.count(index), tokenizer.convert_ids_to_tokens([index])
+    labelled = [tokenizer.decode(tokens.input_ids[start:end]) for start, end in tokens.answer_spans]
+    assert labelled == [f"круг{hostile}<end_of_turn>", "слева<end_of_turn>"]
