@@ -34,8 +34,6 @@ import copy
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +54,7 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from gqaru.config import LoraConfig, ModelConfig
+from gqaru.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -536,21 +535,6 @@ def answer_only_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
 # Saving and export
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling dir that replaces `out_dir` whole once the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield staging
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
 def save_adapter(
     peft_model: PeftModel, out_dir: str | os.PathLike[str], *, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> Path:
@@ -561,7 +545,7 @@ def save_adapter(
     the main process only. The directory is replaced atomically.
     """
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as staging:
+    with atomic_directory(out_dir) as staging:
         peft_model.save_pretrained(staging, state_dict=dict(state_dict) if state_dict is not None else None)
     return out_dir
 
@@ -688,7 +672,7 @@ def merge_and_export(
         merged.config.dtype = dtype
         merged.config.text_config.use_cache = True
         merged.generation_config = copy.deepcopy(base.generation_config)
-        with _atomic_dir(out_dir) as staging:
+        with atomic_directory(out_dir) as staging:
             merged.save_pretrained(staging)
             processor.save_pretrained(staging)
             if not _has_chat_template(staging):

@@ -38,6 +38,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA pretrained 600 steps (~100 s on 2 cores; `make demo` builds it with 2,800):
+    the same seed as `tiny_model_dir`, so its random starting point is that model."""
+    from gqaru.standins.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("pretrained") / "tiny-llava"
+    build_tiny_model(out, preset="tiny", seed=0, pretrain_steps=600)
+    return out
+
+
+@pytest.fixture(scope="session")
 def replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A replica of deepvk/llava-gemma-2b-lora: the hub's files and configs, the real Gemma tokenizer
     and chat template, narrow random weights biased so that greedy answers vary (`--vary-answers`).

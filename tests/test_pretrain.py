@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from gqaru.standins import synth
 from gqaru.cli import main as cli_main
 from gqaru.collate import IGNORE_INDEX, TrainingCollator
+from gqaru.standins import synth
 from gqaru.standins.pretrain import (
     ABSENT,
     Example,
@@ -80,10 +81,13 @@ def test_reading_answers_with_the_questions_content_words_in_the_chat_format(tin
     assert encode_reading("Какого цвета фон?", torch.zeros(3, 64, 64), collator) is None
 
 
-def test_pretraining_learns_grounding_on_held_out_scenes(tiny_model_dir: Path) -> None:
+def test_pretraining_learns_grounding_on_held_out_scenes(tiny_model_dir: Path, pretrained_tiny_dir: Path) -> None:
+    """`pretrained_tiny_dir` is `tiny_model_dir` after 600 pretraining steps (`build_tiny_model`)."""
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     collator = TrainingCollator(processor)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    untrained = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(pretrained_tiny_dir, dtype=torch.float32)
+    report = json.loads((pretrained_tiny_dir / BUILD_INFO_FILE).read_text(encoding="utf-8"))["pretraining"]
     grounding, reading = pretraining_data(synth.random_scenes(40, seed=7), collator, seed=7)
     held_out = grounding + reading
     # The same examples shown another scene's image: what the words alone give.
@@ -91,10 +95,9 @@ def test_pretraining_learns_grounding_on_held_out_scenes(tiny_model_dir: Path) -
         dataclasses.replace(item, sequence=dataclasses.replace(item.sequence, pixel_values=swap.sequence.pixel_values))
         for item, swap in zip(held_out, held_out[37:] + held_out[:37])
     ]
-    before = word_accuracy(model, held_out, collator)
-    report = pretrain(model, processor, steps=600, seed=0, progress=False)  # ~100 s on 2 cores
+    before = word_accuracy(untrained, held_out, collator)
     after, blind = word_accuracy(model, held_out, collator), word_accuracy(model, other_image, collator)
-
+    assert report["steps"] == 600
     assert before["all words"] < 0.1 and report["loss_last"] < report["loss_first"] / 1.5
     # Measured: background 1.0 with its own image, 0.2 with another's; absent colour 1.0 / 0.6;
     # all words 0.50 / 0.35.
@@ -105,9 +108,11 @@ def test_pretraining_learns_grounding_on_held_out_scenes(tiny_model_dir: Path) -
 
 
 def test_tiny_model_pretrain_steps_are_recorded_and_the_model_loads_in_stock_transformers(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = build_tiny_model(tmp_path / "pretrained", preset="tiny", seed=0, pretrain_steps=3)
+    assert cli_main(["tiny-model", "--out", str(tmp_path / "pretrained"), "--pretrain-steps", "3"]) == 0
+    assert re.search(r"pretrained 3 steps in \d+ s; held-out word accuracy:\n  absent colour", capsys.readouterr().out)
+    out = tmp_path / "pretrained"
     info = json.loads((out / BUILD_INFO_FILE).read_text(encoding="utf-8"))
     assert info["pretraining"]["steps"] == 3 and "all words" in info["pretraining"]["held_out_word_accuracy"]
     assert json.loads((tiny_model_dir / BUILD_INFO_FILE).read_text(encoding="utf-8"))["pretraining"] is None

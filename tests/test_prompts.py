@@ -2,9 +2,10 @@
 
 The reference is what lmms-eval and the model card do: render the tokenizer's chat template, then
 call the processor with default special-token handling (tests/lmms_eval_reference.py). deepvk's
-template writes no `<bos>` and its tokenizer adds one; the tiny model's template writes it itself.
-Both must give exactly one `<bos>`, and for every synthetic question the ids gqaru feeds the model
-(generation prompt, training conversation) must equal the reference's.
+template writes no `<bos>` and its tokenizer adds one; the tiny model's template writes it itself
+(there the reference leaves the tokenizer's out: literally, it would send two). Both must give
+exactly one `<bos>`, and for every synthetic question the ids gqaru feeds the model (generation
+prompt, training conversation) must equal the reference's.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def tiny(tiny_model_dir: Path):
     return load_processor(tiny_model_dir)
 
 
+def _whole_string_ids(tokenizer, text: str) -> list[int]:
+    """The reference tokenization: default special tokens, except a second <bos> (module docstring)."""
+    return tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token))["input_ids"]
+
+
 def _conversation_text(tokenizer, turns: list[tuple[str, str]]) -> str:
     messages = []
     for index, (question, answer) in enumerate(turns):
@@ -58,17 +64,22 @@ def _conversation_text(tokenizer, turns: list[tuple[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def test_generation_prompts_equal_the_processors_for_every_question(replica_dir: Path, replica, synth_questions) -> None:
+@pytest.mark.parametrize("model", ["replica", "tiny"])
+def test_generation_prompts_equal_the_processors_for_every_question(request, model: str, synth_questions) -> None:
     """The ids gqaru's generation batches hold == processor(images, text=template) ids, per question."""
-    reference = reference_processor(replica_dir)
-    collator = GenerationCollator(replica)
+    processor = request.getfixturevalue(model)
+    reference = reference_processor(request.getfixturevalue("replica_dir" if model == "replica" else "tiny_model_dir"))
+    collator = GenerationCollator(processor)
     image = Image.new("RGB", (64, 48), (120, 30, 200))
-    bos = replica.tokenizer.bos_token_id
+    bos = processor.tokenizer.bos_token_id
+    writes_bos = prompt_text(reference.tokenizer, "?").startswith(reference.tokenizer.bos_token)
     mismatched = []
     for start in range(0, len(synth_questions), 64):
         chunk = synth_questions[start : start + 64]
         texts = [prompt_text(reference.tokenizer, row["question"]) for row in chunk]
-        expected = reference(images=[image] * len(chunk), text=texts, return_tensors="pt", padding=True)
+        expected = reference(
+            images=[image] * len(chunk), text=texts, return_tensors="pt", padding=True, add_special_tokens=not writes_bos
+        )
         ours = collator([{"image": image, "question": row["question"]} for row in chunk])
         for row, question in enumerate(chunk):
             want = expected["input_ids"][row][expected["attention_mask"][row].bool()].tolist()
@@ -80,10 +91,11 @@ def test_generation_prompts_equal_the_processors_for_every_question(replica_dir:
     assert len(synth_questions) == 910
 
 
-def test_training_conversations_equal_the_whole_string_tokenization(replica, synth_questions) -> None:
+@pytest.mark.parametrize("model", ["replica", "tiny"])
+def test_training_conversations_equal_the_whole_string_tokenization(request, model: str, synth_questions) -> None:
     """Single- and multi-turn conversations: ids == tokenizer(rendered text) with default special tokens;
     labels are exactly each answer and its <end_of_turn>."""
-    tokenizer = replica.tokenizer
+    tokenizer = request.getfixturevalue(model).tokenizer
     by_image = defaultdict(list)
     for row in synth_questions:
         by_image[row["imageId"]].append(row)
@@ -93,7 +105,7 @@ def test_training_conversations_equal_the_whole_string_tokenization(replica, syn
     for rows in conversations:
         turns = [(row["question"], row["answer"]) for row in rows]
         tokens = tokenize_conversation(tokenizer, [Turn(question, answer) for question, answer in turns])
-        assert tokens.input_ids == tokenizer(_conversation_text(tokenizer, turns))["input_ids"]
+        assert tokens.input_ids == _whole_string_ids(tokenizer, _conversation_text(tokenizer, turns))
         labelled = [tokenizer.decode(tokens.input_ids[start:end]) for start, end in tokens.answer_spans]
         assert labelled == [f"{answer}<end_of_turn>" for _, answer in turns]
     assert len(conversations) > len(synth_questions) + 200

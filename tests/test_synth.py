@@ -17,8 +17,8 @@ import pytest
 from datasets import Image, List, Value
 from PIL import Image as PILImage
 
-from gqaru.standins import synth
 from gqaru.cli import main as cli_main
+from gqaru.standins import synth
 
 datasets.disable_progress_bars()
 

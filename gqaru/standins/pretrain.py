@@ -47,10 +47,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from gqaru.standins import synth
 from gqaru.collate import IGNORE_INDEX, EncodedSequence, TrainingCollator
 from gqaru.modeling import answer_only_loss
 from gqaru.prompts import Turn, tokenize_conversation
+from gqaru.standins import synth
 
 logger = logging.getLogger(__name__)
 

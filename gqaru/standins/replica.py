@@ -28,9 +28,7 @@ made of answer-like pieces, sometimes ending in `<eos>` and often passing throug
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken
 
+from gqaru.files import atomic_directory
 from gqaru.standins import real_tokenizers
 
 WEIGHT_SHARDS = 3
@@ -338,10 +337,7 @@ def build_replica(name: str, out_dir: str | Path, *, seed: int = 0, vary_answers
         if foreign:
             raise ValueError(f"{out_dir} holds files that are not a replica's ({', '.join(foreign[:5])}); refusing to replace it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; a model dir is meant to be shared
+    with atomic_directory(out_dir) as staging:
         _write_tokenizer(spec, staging)
         _write_json(staging / "config.json", replica_config(spec))
         _write_json(staging / "generation_config.json", dict(spec.generation_config))
@@ -354,10 +350,4 @@ def build_replica(name: str, out_dir: str | Path, *, seed: int = 0, vary_answers
         if vary_answers:
             _vary_answers(model, spec, staging, seed)
         _write_weights(model, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +47,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+
+from gqaru.files import atomic_directory
 
 # --------------------------------------------------------------------------------------------------
 # Shapes
@@ -556,10 +556,7 @@ def build_tiny_model(
 
         pretraining = pretrain(model, processor, pretrain_steps, seed=seed)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the model dir is meant to be shared
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)  # tokenizer, image processor, chat_template.jinja
         # Also embed the chat template in tokenizer_config.json, where older readers look for it.
@@ -576,10 +573,4 @@ def build_tiny_model(
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
