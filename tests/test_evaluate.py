@@ -85,24 +85,35 @@ def loaded(model_dir: Path) -> tuple[torch.nn.Module, Any]:
     return model, load_processor(model_dir)
 
 
+_REFERENCES: dict[str, dict[str, str]] = {}
+
+
 def _reference(model_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
-    items = [
-        (qa["id"], sample["image"], qa["question"])
-        for sample in iter_eval_samples(testdev_shards, question_ids=selected_ids)
-        for qa in sample["meta"]["qa"]
-    ]
-    return reference_answers(model_dir, items)
+    """The reference loop's answers (tests/lmms_eval_reference.py): no gqaru code involved. Once per model."""
+    if str(model_dir) not in _REFERENCES:
+        items = [
+            (qa["id"], sample["image"], qa["question"])
+            for sample in iter_eval_samples(testdev_shards, question_ids=selected_ids)
+            for qa in sample["meta"]["qa"]
+        ]
+        _REFERENCES[str(model_dir)] = reference_answers(model_dir, items)
+    return _REFERENCES[str(model_dir)]
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
-    """The reference loop's answers (tests/lmms_eval_reference.py): no gqaru code involved."""
     return _reference(model_dir, testdev_shards, selected_ids)
 
 
 @pytest.fixture(scope="module")
 def replica_reference(replica_dir: Path, testdev_shards: Path, selected_ids: list[str]) -> dict[str, str]:
     return _reference(replica_dir, testdev_shards, selected_ids)
+
+
+@pytest.fixture(scope="module")
+def replica_loaded(replica_dir: Path) -> tuple[torch.nn.Module, Any]:
+    model = load_for_inference(ModelConfig(name_or_path=str(replica_dir), dtype="fp32"), "cpu")
+    return model, load_processor(replica_dir)
 
 
 def _predict(loaded, samples, batch_size: int, reuse: bool) -> dict[str, str]:
@@ -138,12 +149,11 @@ def test_answers_depend_on_the_image(loaded, reference: dict[str, str], testdev_
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_generation_stops_at_eos_only_and_the_end_of_turn_reading_is_second(
-    replica_dir: Path, testdev_shards: Path, selected_ids: list[str], reuse: bool
+    replica_loaded, testdev_shards: Path, selected_ids: list[str], reuse: bool
 ) -> None:
     """Force "да", <end_of_turn>, "нет", <eos>, "да"...: lmms-eval's reading runs to <eos> and skips the
     special token ("данет"); the secondary reading stops at <end_of_turn> ("да")."""
-    model = load_for_inference(ModelConfig(name_or_path=str(replica_dir), dtype="fp32"), "cpu")
-    processor = load_processor(replica_dir)
+    model, processor = replica_loaded
     tokenizer = processor.tokenizer
     yes, no = (tokenizer.convert_tokens_to_ids(piece) for piece in ("да", "нет"))
     script = [yes, tokenizer.convert_tokens_to_ids("<end_of_turn>"), no, tokenizer.eos_token_id]

@@ -23,11 +23,10 @@ from gqaru.standins.pretrain import (
     encode,
     encode_reading,
     examples_for_scene,
-    pretrain,
     pretraining_data,
     word_accuracy,
 )
-from gqaru.standins.tiny import BUILD_INFO_FILE, build_tiny_model
+from gqaru.standins.tiny import BUILD_INFO_FILE
 
 
 def test_examples_describe_every_object_from_its_colour() -> None:
