@@ -42,7 +42,11 @@ process (accelerate keeps process-wide state, and neither side should inherit th
 Accuracy: every trained model is merged and evaluated by `gqaru.evaluate` on the same held-out
 synthetic testdev questions (same greedy decoding), so the comparison is of the training, not of
 the evaluation; the details hold a paired test (McNemar) and the accuracy of always giving the
-most frequent training answer, to show what a few hundred questions can teach.
+most frequent training answer, to show what a few hundred questions can teach. The accuracy is
+lmms-eval's reading (generation stops at `<eos>` only); the reading cut at the first `<end_of_turn>`
+is reported beside it. They differ for the seed-style side: its collator labels the whole model
+turn, `<end_of_turn>` and the newline after it, so its model goes on to a next turn («нет\nда\n...»)
+where lmms-eval's reading keeps it all.
 
 P5: questions/s of the read pipeline alone (`training_pipeline` -> `SequencePlanner` ->
 `TrainingCollator.encode`, the exact stages the loop runs, 0 workers) over the same shards,
@@ -418,6 +422,7 @@ def evaluate_merged(paths: dict[str, str], settings: dict[str, Any], model_dir: 
     predictions = [record["prediction"] for record in result.records]
     return {
         "accuracy": round(metrics["headline"]["accuracy"], 4),
+        "accuracy_at_end_of_turn": round(metrics["end_of_turn_stop"]["accuracy"], 4),
         "correct": metrics["headline"]["correct"],
         "n": metrics["headline"]["n"],
         "interval_95": [round(value, 4) for value in metrics["headline"]["interval"]],
@@ -542,6 +547,7 @@ def run(workdir: Path, **overrides: Any) -> tuple[list[dict[str, Any]], dict[str
             "accuracy_goal_met": accuracy_met,
             "ratio_cpu_time": round(ours["questions_per_cpu_s"] / seed["questions_per_cpu_s"], 2),
             "accuracy": accuracy,
+            "accuracy_at_end_of_turn": {name: evaluations[name]["accuracy_at_end_of_turn"] for name in models},
             "ratio_same_lr_run": round(same_lr["questions_per_s"] / seed["questions_per_s"], 2),
             "paired_gqaru_minus_seed_style": paired(
                 predictions["seed-style"], predictions["gqaru"], "seed-style", "gqaru"

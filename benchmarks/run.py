@@ -103,6 +103,12 @@ def _p1_line(entry: dict[str, Any]) -> str:
         f"{100 * paired['interval_95'][0]:+.1f} to {100 * paired['interval_95'][1]:+.1f}); always answering "
         f"\"{majority['answer']}\" scores {100 * majority['accuracy']:.1f}%; "
         f"gqaru at the baseline's unscaled lr: {100 * accuracy['gqaru-same-lr']:.1f}%"
+        + (
+            f"; cut at <end_of_turn> (not lmms-eval): gqaru {100 * cut['gqaru']:.1f}% vs seed-style "
+            f"{100 * cut['seed-style']:.1f}%"
+            if (cut := details.get("accuracy_at_end_of_turn"))
+            else ""
+        )
     )
 
 
