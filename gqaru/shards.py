@@ -6,8 +6,9 @@ Layout of a shard dir (see shards/README.md):
     DIR/{split}-000000.tar ...   one sample per image: `{imageId}.jpg` + `{imageId}.json`
 
 A sample's json is {"imageId", "width", "height", "qa": [{"id", "row", "question", "answer",
-"fullAnswer", "types"}, ...]} (`row`: the question's row index in the source, dataset order); width/height are those of the stored jpg. Keeping each image once,
-with all of its selected questions, makes shards ~13x smaller than one sample per question.
+"fullAnswer", "types"}, ...]}; `row` is the question's row index in the source (dataset order),
+width/height are those of the stored jpg. Keeping each image once, with all of its selected
+questions, makes shards ~13x smaller than one sample per question.
 
 Writing (`build_shards`, the `gqaru shards build` command):
 - JPEG bytes pass through untouched unless a resize is asked; any other format or mode (PNG, RGBA,
@@ -53,7 +54,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gqaru import __version__
-from gqaru.sources import SplitReader
+from gqaru.sources import SEED_REPORT, SEEDED, SplitReader
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def build_shards(
     out_dir: str | os.PathLike[str],
     max_samples: int | None = None,
     seed: int = 0,
-    selection: str = "seeded",
+    selection: str = SEEDED,
     samples_per_shard: int = 256,
     image_size: int | None = None,
     verbose: bool = True,
@@ -387,7 +388,7 @@ def _build_summary(manifest: dict[str, Any], out: Path, elapsed: float, rejects:
 
 def describe_selection(selection: dict[str, Any]) -> str:
     """`max_samples=N, seed=S` or `seed-report: R rows of N`, for summaries."""
-    if selection.get("name") == "seed-report":
+    if selection.get("name") == SEED_REPORT:
         return f"seed-report: {selection['rows']} rows of {selection['source_rows']}"
     return f"max_samples={selection['max_samples']}, seed={selection['seed']}"
 

@@ -279,11 +279,11 @@ class SplitReader:
     Construction opens both configs (a missing column is a `SourceError` before any work), reads
     the questions and applies the text checks — each row is skipped under exactly one reason,
     checked in this order: missing_question_id, duplicate_question_id (the first row with an id
-    wins, whatever its content), empty_question, empty_answer — then draws the selection with
-    the selection: `select_question_ids` over the questions that passed (`selection="seeded"`), or
-    the seed report's rows (`selection="seed-report"`, `seed_report_rows`; max_samples and seed
-    are not used). Iterating streams the images once and yields one `ImageQuestions` per image
-    that has selected questions, in the images' order. Questions lost afterwards (text checks,
+    wins, whatever its content), empty_question, empty_answer — then selects: `select_question_ids`
+    over the questions that passed (`selection="seeded"`), or the seed report's rows
+    (`selection="seed-report"`, `seed_report_rows`; max_samples and seed are not used).
+    Iterating streams the images once and yields one `ImageQuestions` per image that has selected
+    questions, in the images' order. Questions lost afterwards (text checks,
     image missing, or rejected by the shard writer) are counted, not replaced, so the selection
     stays a function of (ids, max_samples, seed), or of the row count, alone.
     """
