@@ -9,7 +9,8 @@ What it does, in order:
     selection depends on nothing but (ids, max_samples, seed) — not on process count or batch size;
   * deals the images to processes round-robin (`iter_eval_samples`); data never goes through
     `accelerator.prepare` (it would split it a second time) and the model is not prepared either
-    (nothing is trained: it is loaded straight onto `accelerator.device`);
+    (nothing is trained: it is loaded whole straight onto `accelerator.device`, under a DeepSpeed
+    ZeRO-3 launch too);
   * answers each question as lmms-eval's `gqa_ru` task with the `llava_hf` model does: greedy, at
     most `eval.max_new_tokens` new tokens, stopping at the tokenizer's eos only (for Gemma `<eos>`,
     not `<end_of_turn>`), `eval.batch_size` questions per `generate` call, batches spanning images,
@@ -571,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = accel.make_accelerator()
         evaluate(config, accelerator=accelerator)
-    except (ShardError, modeling.ModelSetupError, accel.RankBookkeepingError, FileNotFoundError) as error:
+    except (
+        ShardError, modeling.ModelSetupError, accel.RankBookkeepingError, accel.LaunchConfigError, FileNotFoundError
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except EvaluationError as error:

@@ -481,17 +481,56 @@ def _train_full_modules_in_fp32(peft_model: PeftModel) -> list[str]:
     return upcast
 
 
+def _parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter as the model sees it: a ZeRO-3 partition holds 0 locally (its full
+    size is `ds_numel`), a 4-bit weight packs two values per byte."""
+    count = getattr(parameter, "ds_numel", None) or parameter.numel()
+    if parameter.__class__.__name__ == "Params4bit":
+        count *= 2 * parameter.element_size()
+    return count
+
+
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights once, 4-bit weights at their real size."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 partitions hold 0
-        if parameter.__class__.__name__ == "Params4bit":
-            count *= 2 * parameter.element_size()  # two 4-bit values per byte of storage
+        count = _parameter_count(parameter)
         total += count
         if parameter.requires_grad:
             trainable += count
     return trainable, total
+
+
+PARAMETER_GROUPS = {"frozen": "frozen base", "lora": "LoRA", "full": "trained in full"}
+"""The groups of `parameter_report`: frozen weights, LoRA factors, modules trained whole (the
+projector with `lora.train_projector`)."""
+
+
+def parameter_report(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """What the parameters are, as they are now (after `accelerator.prepare`, not as asked):
+    per group of `PARAMETER_GROUPS`, the element count, the count per dtype ("nf4" for 4-bit
+    weights) and the devices. Empty groups are left out."""
+    report: dict[str, dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        group = "lora" if "lora_" in name else "full" if parameter.requires_grad else "frozen"
+        entry = report.setdefault(group, {"parameters": 0, "dtypes": {}, "devices": []})
+        count = _parameter_count(parameter)
+        dtype = "nf4" if parameter.__class__.__name__ == "Params4bit" else str(parameter.dtype).removeprefix("torch.")
+        entry["parameters"] += count
+        entry["dtypes"][dtype] = entry["dtypes"].get(dtype, 0) + count
+        if str(parameter.device) not in entry["devices"]:
+            entry["devices"].append(str(parameter.device))
+    return {group: report[group] for group in PARAMETER_GROUPS if group in report}
+
+
+def describe_parameters(report: dict[str, dict[str, Any]]) -> str:
+    """One line of `parameter_report`: "frozen base 1,234 float32 on cpu; LoRA ..."."""
+    parts = []
+    for group, entry in report.items():
+        dtypes = " + ".join(f"{dtype}" if len(entry["dtypes"]) == 1 else f"{dtype} ({count:,})"
+                            for dtype, count in entry["dtypes"].items())
+        parts.append(f"{PARAMETER_GROUPS[group]} {entry['parameters']:,} {dtypes} on {', '.join(entry['devices'])}")
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,9 +598,10 @@ def _cpu_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _zero3_hooks_off() -> Iterator[None]:
     """Hide an active DeepSpeed ZeRO-3 config from transformers for the duration of the block.
 
-    The export runs on the main process alone, on plain CPU tensors. While transformers sees
-    ZeRO-3 on, building a model enters `zero.Init` and saving gathers parameters: collectives
-    that the other ranks never join (a hang), for tensors that are not partitioned anyway.
+    For models that must not be partitioned: the export (the main process alone, on plain CPU
+    tensors) and inference. While transformers sees ZeRO-3 on, building a model enters `zero.Init`
+    and saving gathers parameters: collectives that the other ranks never join (a hang), for
+    tensors that are not partitioned anyway.
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
@@ -701,17 +741,22 @@ def load_for_inference(
     `LlavaForConditionalGeneration`. On a 4-bit base the adapter stays unmerged (a merge into nf4
     weights would round the update away), and a `PeftModel` is returned; both have `generate`.
 
+    Inference never partitions: under a DeepSpeed ZeRO-3 launch the model is loaded whole on every
+    process (ZeRO-3 shards training state; without a DeepSpeed engine a partitioned model is empty
+    shells), and the processes share the questions as under any other launcher.
+
     Raises:
         ModelSetupError: as `load_base_model` (e.g. 4-bit off CUDA).
         FileNotFoundError: the adapter dir has no adapter_config.json.
     """
-    model = load_base_model(model_config, device, for_training=False)
-    if model_config.adapter is None:
-        return model
-    adapter = Path(model_config.adapter)
-    if not (adapter / "adapter_config.json").is_file():
+    adapter = Path(model_config.adapter) if model_config.adapter is not None else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"model.adapter={adapter}: no adapter_config.json there (expected a PEFT adapter dir)")
-    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    with _zero3_hooks_off():
+        model = load_base_model(model_config, device, for_training=False)
+        if adapter is None:
+            return model
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     peft_model.eval()
     if merge_adapter and not is_quantized(model):
         return peft_model.merge_and_unload().eval()

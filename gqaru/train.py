@@ -18,8 +18,9 @@ One loop for a MacBook (MPS), one GPU, DDP and DeepSpeed ZeRO-2/3, CPU included:
     good checkpoint;
   * outputs: config.yaml, metrics.jsonl, tensorboard logs, adapter/, merged/, summary.json.
 
-Raises (at start-up, before any step): ConfigError for a bad config; ModelSetupError for QLoRA
-off CUDA; ShardError for missing or inconsistent shards.
+Raises (at start-up, before any step): ConfigError for a bad config (a DeepSpeed JSON whose
+precision contradicts model.dtype included); ModelSetupError for QLoRA off CUDA; ShardError for
+missing or inconsistent shards; accel.LaunchConfigError for a launch config's missing DeepSpeed JSON.
 """
 
 from __future__ import annotations
@@ -109,13 +110,41 @@ def _setup_logging(accelerator: Accelerator) -> None:
 
 def make_accelerator(config: Config) -> Accelerator:
     """The training Accelerator (`gqaru.accel`: right rank bookkeeping on every backend, CPU
-    DeepSpeed included), with DeepSpeed's "auto" values filled from the gqaru config."""
+    DeepSpeed included), with DeepSpeed's "auto" values filled from the gqaru config.
+
+    Precision lives in one place, gqaru's `model.dtype`, and under DeepSpeed it is settled before
+    the Accelerator exists: accelerate resolves the JSON's `"bf16": "auto"` from its
+    `mixed_precision` while being built and hands transformers a copy of that config, which
+    `from_pretrained` under ZeRO-3 `zero.Init` builds the parameters from (TRAPS.md).
+
+    Raises:
+        ConfigError: the DeepSpeed JSON fixes a precision that contradicts `model.dtype`.
+    """
     run_dir = config.run_dir()
+    device_type = accel.launched_device_type()
+    weights_dtype = modeling.resolve_dtype(config.model.dtype, torch.device(device_type))
+    kwargs: dict[str, Any] = {}
+    if accel.is_deepspeed_launch():
+        bf16 = weights_dtype == torch.bfloat16
+        fixed = (accel.deepspeed_json() or {}).get("bf16", {}).get("enabled", "auto")
+        if fixed != "auto" and fixed != bf16:
+            raise ConfigError(
+                f"the DeepSpeed JSON sets bf16.enabled={json.dumps(fixed)} but model.dtype={config.model.dtype} "
+                f"means {weights_dtype} here: write \"bf16\": {{\"enabled\": \"auto\"}} in the JSON (it follows "
+                "model.dtype) or change model.dtype"
+            )
+        kwargs["mixed_precision"] = "bf16" if bf16 else "no"
     accelerator = accel.make_accelerator(
         gradient_accumulation_steps=config.train.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        **kwargs,
     )
+    if accelerator.device.type != device_type:
+        raise accel.LaunchConfigError(
+            f"expected accelerate to place this process on {device_type}, it chose {accelerator.device}: "
+            "precision was decided for the wrong device"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         # The loader is not prepared (TRAPS.md), so fill what accelerate would read from it.
@@ -123,10 +152,17 @@ def make_accelerator(config: Config) -> Accelerator:
         ds_config["gradient_accumulation_steps"] = config.train.grad_accum
         ds_config["train_batch_size"] = config.effective_batch(accelerator.num_processes)
         ds_config["gradient_clipping"] = config.train.max_grad_norm or 0.0
-        # Precision lives in one place, gqaru's model.dtype; the JSON says "auto".
-        weights_dtype = modeling.resolve_dtype(config.model.dtype, accelerator.device)
-        ds_config["bf16"] = {**ds_config.get("bf16", {}), "enabled": weights_dtype == torch.bfloat16}
     return accelerator
+
+
+def precision_mode(accelerator: Accelerator) -> str:
+    """The mixed-precision mode in force: DeepSpeed's own (from its resolved config) or accelerate's autocast."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("bf16", {}).get("enabled") is True:
+            return "DeepSpeed bf16 (fp32 master weights in the optimizer)"
+        return "DeepSpeed fp32"
+    return "none" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} autocast"
 
 
 def _fill_deepspeed_sizes(accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -228,6 +264,12 @@ class TrainingRun:
         # The scheduler is stepped by hand once per optimizer step (a prepared one would step once
         # per process), and checkpointed as a registered object.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # What the parameters are after preparation (DeepSpeed casts, ZeRO-3 partitions), not what was asked.
+        self.precision = {
+            "device": str(accelerator.device),
+            "mixed_precision": precision_mode(accelerator),
+            "parameters": modeling.parameter_report(self.model),
+        }
         accelerator.register_for_checkpointing(self.scheduler)
         accelerator.register_save_state_pre_hook(self._save_trainable_only)
         accelerator.register_load_state_pre_hook(self._load_trainable_only)
@@ -253,13 +295,13 @@ class TrainingRun:
 
     def _log_startup(self) -> None:
         config, plan, accelerator = self.config, self.plan, self.accelerator
-        dtype = next(self.model.parameters()).dtype
         logger.info(
             "\n".join(
                 [
                     f"gqaru train: {config.model.name_or_path} -> {self.run_dir}",
                     f"  device {accelerator.device} x {self.world_size} process(es), {accelerator.distributed_type.value}, "
-                    f"weights {dtype}, mixed precision {accelerator.mixed_precision}, quantization {config.model.quantization}",
+                    f"mixed precision {self.precision['mixed_precision']}, quantization {config.model.quantization}",
+                    f"  parameters as prepared: {modeling.describe_parameters(self.precision['parameters'])}",
                     f"  trainable parameters {self.trainable:,} of {self.total_parameters:,} "
                     f"({100 * self.trainable / max(self.total_parameters, 1):.3f}%)",
                     f"  {plan.questions_per_epoch} questions/epoch in {sum(plan.sequences_per_rank)} sequences "
@@ -541,7 +583,7 @@ class TrainingRun:
         state_dict = accelerator.get_state_dict(self.model)
         unwrapped = accelerator.unwrap_model(self.model)
         trained_ids = gather_object(self.trained_ids)
-        questions = int(accelerator.reduce(torch.tensor(float(self.state.questions), device=accelerator.device), "sum"))
+        questions = int(accelerator.reduce(torch.tensor(self.state.questions, device=accelerator.device), "sum"))
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             adapter_dir = modeling.save_adapter(unwrapped, self.run_dir / "adapter", state_dict=state_dict)
@@ -561,6 +603,7 @@ class TrainingRun:
                 "dropped": self.plan.dropped,
                 "seconds": round(self.state.elapsed, 1),
                 "processes": self.world_size,
+                "precision": self.precision,
                 "adapter": str(adapter_dir),
                 "merged": str(merged_dir) if merged_dir else None,
             }
@@ -576,7 +619,11 @@ class TrainingRun:
 
 
 class _Window:
-    """Sums since the last log line: loss, label tokens, questions, text/image/padding tokens, time."""
+    """Sums since the last log line: loss, label tokens, questions, text/image/padding tokens, time.
+
+    Reduced across ranks as one float32 tensor: MPS has no float64, and a log line's rates need no
+    more than float32's 7 digits.
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -592,7 +639,7 @@ class _Window:
             self.values[index] += stats[key]
 
     def tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([*self.values, time.perf_counter() - self.started], device=device, dtype=torch.float64)
+        return torch.tensor([*self.values, time.perf_counter() - self.started], device=device, dtype=torch.float32)
 
 
 def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -609,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.setup()
         run.train()
-    except (ConfigError, modeling.ModelSetupError, accel.RankBookkeepingError) as error:
+    except (ConfigError, modeling.ModelSetupError, accel.RankBookkeepingError, accel.LaunchConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

@@ -6,9 +6,15 @@ Everything is built at test time from the package itself: no download, no checke
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -61,3 +67,32 @@ def replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("replica") / "llava-gemma-2b"
     build_replica("deepvk/llava-gemma-2b-lora", out, seed=0, vary_answers=True)
     return out
+
+
+class _Float64Recorder(TorchDispatchMode):
+    """Counts the torch ops whose output is a float64 tensor, on any device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if any(isinstance(leaf, torch.Tensor) and leaf.dtype == torch.float64 for leaf in tree_leaves(output)):
+            self.ops[str(func)] += 1
+        return output
+
+
+@contextmanager
+def _forbid_float64() -> Iterator[None]:
+    recorder = _Float64Recorder()
+    with recorder:
+        yield
+    assert not recorder.ops, f"float64 tensors made (MPS has no float64, the run would crash there): {dict(recorder.ops)}"
+
+
+@pytest.fixture(scope="session")
+def no_float64() -> Callable[[], AbstractContextManager[None]]:
+    """MPS's rule, checked on the CPU: `with no_float64(): ...` fails if any torch op in the block
+    makes a float64 tensor. Our runs make none at all, so no device bookkeeping is needed."""
+    return _forbid_float64

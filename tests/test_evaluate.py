@@ -32,6 +32,8 @@ from gqaru.modeling import load_for_inference, load_processor
 from gqaru.shards import ShardError, build_shards, iter_eval_samples, list_question_ids, read_manifest
 from gqaru.sources import select_question_ids
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 QUESTIONS = 40
 SELECTION_SEED = 3
 
@@ -135,6 +137,17 @@ def test_predictions_equal_the_reference_loop(
     predictions = _predict(loaded, samples, batch_size, reuse)
     differing = {key: (reference[key], predictions.get(key)) for key in reference if predictions.get(key) != reference[key]}
     assert not differing, f"{len(differing)} of {len(reference)} answers differ, e.g. {list(differing.items())[:3]}"
+
+
+def test_loading_and_answering_make_no_float64_tensor(
+    noisy_model_dir: Path, testdev_shards: Path, selected_ids: list[str], no_float64
+) -> None:
+    """MPS has no float64: loading, the image prefixes and batched generation make none."""
+    with no_float64():
+        model = load_for_inference(ModelConfig(name_or_path=str(noisy_model_dir), dtype="fp32"), "cpu")
+        answerer = Answerer(model, load_processor(noisy_model_dir), max_new_tokens=8, reuse_image_prefix=True)
+        records = predict(answerer, iter_eval_samples(testdev_shards, question_ids=selected_ids[:16]), 8)
+    assert len(records) == 16
 
 
 def test_answers_depend_on_the_image(loaded, reference: dict[str, str], testdev_shards: Path, selected_ids: list[str]) -> None:
@@ -276,30 +289,40 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_give_the_same_predictions_as_one(one_process_run: Path, tmp_path: Path) -> None:
-    launch_config = tmp_path / "two_cpu_processes.yaml"
-    launch_config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmixed_precision: 'no'\n"
-        "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\nuse_cpu: true\n",
-        encoding="utf-8",
-    )
-    environment = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+@pytest.mark.parametrize("launcher", ["ddp", "ds_zero3"])
+def test_two_processes_give_the_same_predictions_as_one(launcher: str, one_process_run: Path, tmp_path: Path) -> None:
+    """Two CPU ranks under DDP, and under the shipped ZeRO-3 config launched from another directory
+    (inference loads the model whole there: a partitioned one is empty shells, `'weight' must be 2-D`)."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if launcher == "ddp":
+        launch_config = tmp_path / "two_cpu_processes.yaml"
+        launch_config.write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmixed_precision: 'no'\n"
+            "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\nuse_cpu: true\n",
+            encoding="utf-8",
+        )
+        environment["ACCELERATE_USE_CPU"] = "true"
+    else:
+        launch_config = REPO_ROOT / "launch" / "ds_zero3.yaml"  # DeepSpeed ignores a CPU flag: no ACCELERATE_USE_CPU
+        environment.pop("ACCELERATE_USE_CPU", None)
     command = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--config_file",
         str(launch_config),
+        "--num_processes",
+        "2",
         "--main_process_port",
         str(_free_port()),
         "-m",
         "gqaru.evaluate",
         str(one_process_run / "eval.yaml"),
-        "output.run_name=two",
+        f"output.run_name={launcher}",
         "eval.report=false",
     ]
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    two_dir = one_process_run / "runs" / "two"
+    two_dir = one_process_run / "runs" / launcher
     metrics = json.loads((two_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["run"]["processes"] == 2  # really two ranks, not two world-size-1 copies
     one = (one_process_run / "runs" / "one" / "predictions.jsonl").read_text(encoding="utf-8")

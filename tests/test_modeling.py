@@ -530,6 +530,9 @@ def test_4bit_lora_gradients_are_right_after_an_eval_forward(tiny_model_dir: Pat
     batch = _training_batch(processor, ["жёлтый", "слева"])
     lora = LoraConfig(dropout=0.0)
     model = _four_bit_lora(tiny_model_dir, lora, repack_fix=True)
+    report = modeling.parameter_report(model)  # 4-bit weights reported as nf4, at their real size
+    assert set(report["frozen"]["dtypes"]) == {"nf4", "float32"} and set(report["lora"]["dtypes"]) == {"float32"}
+    assert sum(group["parameters"] for group in report.values()) == modeling.trainable_parameters(model)[1]
     reference = _dequantized_reference(tiny_model_dir, model, lora)
 
     inputs = {key: value for key, value in batch.items() if key != "labels"}

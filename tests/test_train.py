@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,9 +88,11 @@ def train_command(config: Path, *overrides: str, launch: str | None = None, laun
     ]  # fmt: skip
 
 
-def run(command: list[str], env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess:
+def run(
+    command: list[str], env: dict[str, str] | None = None, expect: int = 0, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        command, cwd=REPO_ROOT, env=env or environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+        command, cwd=cwd, env=env or environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
     )
     assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
@@ -120,6 +124,12 @@ def test_one_process_run_writes_everything_and_learns(tmp_path: Path, tiny_model
     assert "trainable parameters" in result.stderr and "steps per epoch" in result.stderr
 
     summary = json.loads((run_dir / "summary.json").read_text())
+    precision = summary["precision"]
+    assert precision["device"] == "cpu" and precision["mixed_precision"] == "none"
+    assert list(precision["parameters"]) == ["frozen", "lora", "full"]  # train_projector: the projector in full
+    for group in precision["parameters"].values():
+        assert group["dtypes"] == {"float32": group["parameters"]} and group["devices"] == ["cpu"]
+    assert f"LoRA {precision['parameters']['lora']['parameters']:,} float32 on cpu" in result.stderr
     selected = list_question_ids(small_shards)
     assert summary["questions_trained"] == 4 * len(selected)
     counts = trained_ids(run_dir)
@@ -148,45 +158,151 @@ def test_one_process_run_writes_everything_and_learns(tmp_path: Path, tiny_model
     assert run([sys.executable, "-c", check]).stdout.startswith("ok")
 
 
-def test_two_ranks_ddp_and_zero2_train_each_question_once(
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_nodes(
+    config: Path, launch: str, logs: Path, *overrides: str, env: dict[str, str], launch_args: tuple[str, ...] = ()
+) -> list[str]:
+    """Two launchers on this machine as two nodes of one process each (accelerate's rendezvous
+    flags, as on a real cluster); returns each node's output."""
+    port = str(free_port())
+    processes, outputs = [], []
+    for rank in (0, 1):
+        node_args = ("--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", port, *launch_args)  # fmt: skip
+        log = open(logs / f"node{rank}.log", "w")  # a file, not a pipe: a full pipe would stall a node mid-collective
+        processes.append((subprocess.Popen(train_command(config, *overrides, launch=launch, launch_args=node_args),
+                                           cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
+    for process, log in processes:
+        process.wait(timeout=LAUNCH_TIMEOUT)
+        log.close()
+        outputs.append(Path(log.name).read_text())
+    for (process, _), output in zip(processes, outputs):
+        assert process.returncode == 0, f"a node exited {process.returncode}:\n{output[-6000:]}"
+    return outputs
+
+
+def test_two_nodes_ddp_and_zero2_train_each_question_once_and_resume_exactly(
     tmp_path: Path, tiny_model_dir: Path, many_shards: Path
 ) -> None:
-    """Uneven shards across 2 ranks: same steps on both, no hang, every question once, and DDP and
-    DeepSpeed ZeRO-2 (same data split, same seeds, fp32) give the same adapter."""
+    """Two nodes of one process each (uneven shards): the same steps on both, no hang, every
+    question once per epoch, one main process (it alone logs; each rank adds its own RNG state to a
+    checkpoint), and a resume of the pair from a middle checkpoint ends where the straight run did.
+    DDP and DeepSpeed ZeRO-2 (same data split, same seeds, fp32) give the same adapter."""
     selected = list_question_ids(many_shards)
     adapters = {}
-    for launch, extra_env, launch_args in (
-        ("multi_gpu.yaml", {"ACCELERATE_USE_CPU": "true"}, ("--num_processes", "2", "--mixed_precision", "no")),
-        ("ds_zero2.yaml", {}, ("--num_processes", "2")),
-    ):
+    for launch, extra_env in (("multi_gpu.yaml", {"ACCELERATE_USE_CPU": "true"}), ("ds_zero2.yaml", {})):
         out = tmp_path / launch.removesuffix(".yaml")
         out.mkdir()
-        config = write_config(out, tiny_model_dir, many_shards, data={"questions_per_sequence": 8})
-        result = run(train_command(config, launch=launch, launch_args=launch_args), env=environment(**extra_env))
+        env = environment(**extra_env)
+        config = write_config(out, tiny_model_dir, many_shards, data={"questions_per_sequence": 8},
+                              train={"epochs": 2, "save_every": 3, "keep_last": 10})  # fmt: skip
+        launch_args = ("--mixed_precision", "no") if launch == "multi_gpu.yaml" else ()
+        main_log, other_log = launch_two_nodes(config, launch, out, env=env, launch_args=launch_args)
         run_dir = out / "runs" / "run"
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["processes"] == 2, result.stderr[-2000:]
-        assert "x 2 process(es)" in result.stderr
+        assert summary["processes"] == 2, main_log[-3000:]
+        assert "x 2 process(es)" in main_log and "gqaru train:" not in other_log
         counts = trained_ids(run_dir)
-        assert sorted(question for _, question in counts) == selected
+        for epoch in ("0", "1"):
+            assert sorted(question for trained_epoch, question in counts if trained_epoch == epoch) == selected
         assert set(counts.values()) == {1}
+        checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+        assert checkpoints[0] == "step-000003" and len(checkpoints) >= 2, checkpoints
+        first = run_dir / "checkpoints" / checkpoints[0]
+        for rank in (0, 1):
+            assert (first / f"random_states_{rank}.pkl").is_file() and (first / f"trained_ids_rank{rank}.json").is_file()
         adapters[launch] = adapter_tensors(run_dir)
+
+        # Back to the first checkpoint, as if both nodes had died after it; then resume the pair.
+        for name in ("adapter", "merged", "summary.json", "trained_question_ids.tsv", *checkpoints[1:]):
+            path = run_dir / name if not name.startswith("step-") else run_dir / "checkpoints" / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        launch_two_nodes(config, launch, out, "train.resume=latest", env=env, launch_args=launch_args)
+        assert_same_tensors(adapters[launch], adapter_tensors(run_dir), atol=1e-6)
+        assert trained_ids(run_dir) == counts
     assert_same_tensors(adapters["multi_gpu.yaml"], adapters["ds_zero2.yaml"], atol=1e-5)
 
 
-def test_zero3_trains_and_exports(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
-    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 3})
-    run(train_command(config, launch="ds_zero3.yaml", launch_args=("--num_processes", "2")))
+def test_zero3_in_bf16_from_another_directory(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
+    """ZeRO-3 as the real model runs it: bf16, activation checkpointing on frozen weights (crashes
+    before deepspeed 0.19.3), launched from a directory other than the project root. The weights are
+    bf16 from the start (zero.Init builds them from the precision settled before the Accelerator),
+    and the merged model is bf16."""
+    config = write_config(
+        tmp_path, tiny_model_dir, small_shards,
+        model={"dtype": "bf16"}, train={"max_steps": 3, "gradient_checkpointing": True},
+    )  # fmt: skip
+    run(train_command(config, launch="ds_zero3.yaml", launch_args=("--num_processes", "2")), cwd=tmp_path)
     run_dir = tmp_path / "runs" / "run"
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3
+    precision = summary["precision"]
+    assert precision["mixed_precision"].startswith("DeepSpeed bf16")
+    # The base as zero.Init built it (fp32 before the fix). LoRA and the projector, created after
+    # it in fp32, stay fp32 partitions under ZeRO-3: reported as they are.
+    assert precision["parameters"]["frozen"]["dtypes"] == {"bfloat16": precision["parameters"]["frozen"]["parameters"]}
     tensors = adapter_tensors(run_dir)
     assert tensors and all(tensor.numel() > 0 for tensor in tensors.values()), "ZeRO-3 saved empty partitions"
     check = (
+        "import torch\n"
         "from transformers import LlavaForConditionalGeneration\n"
-        f"model = LlavaForConditionalGeneration.from_pretrained({str(run_dir / 'merged')!r})\n"
+        f"model = LlavaForConditionalGeneration.from_pretrained({str(run_dir / 'merged')!r}, dtype='auto')\n"
+        "assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, {p.dtype for p in model.parameters()}\n"
         "print('ok')\n"
     )
     assert run([sys.executable, "-c", check]).stdout.startswith("ok")
+
+
+def test_a_missing_deepspeed_json_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gqaru import accel
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/deepspeed/zero2.json")
+    accel.resolve_deepspeed_config_file()  # not here, but under the project root
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(REPO_ROOT / "launch/deepspeed/zero2.json")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/deepspeed/zero9.json")
+    with pytest.raises(accel.LaunchConfigError, match=r"'launch/deepspeed/zero9.json'.*missing.*--deepspeed_config_file"):
+        accel.resolve_deepspeed_config_file()
+
+
+def test_a_deepspeed_json_against_model_dtype_is_refused(
+    tmp_path: Path, tiny_model_dir: Path, small_shards: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A JSON that fixes bf16 while model.dtype means fp32 would train in a precision nobody asked
+    for: refused before any process group or model exists (the environment is what
+    `accelerate launch --config_file launch/ds_zero2.yaml --deepspeed_config_file ...` sets)."""
+    from gqaru import train
+
+    json_path = tmp_path / "zero2_bf16.json"
+    ds_config = json.loads((REPO_ROOT / "launch/deepspeed/zero2.json").read_text())
+    json_path.write_text(json.dumps({**ds_config, "bf16": {"enabled": True}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(json_path))
+    assert train.main([str(write_config(tmp_path, tiny_model_dir, small_shards))]) == 2
+    error = capsys.readouterr().err
+    assert "bf16.enabled=true but model.dtype=fp32" in error and '"enabled": "auto"' in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_makes_no_float64_tensor(tmp_path: Path, tiny_model_dir: Path, small_shards: Path, no_float64) -> None:
+    """MPS has no float64: one such tensor on the device (the log step's reduction made one) ended
+    MacBook runs at step 10. Set-up, steps, log lines, a checkpoint and the export make none."""
+    from gqaru import train
+    from gqaru.config import config_from_command_line
+
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 3, "log_every": 2, "save_every": 2})
+    run = train.TrainingRun(config_from_command_line([str(config)], ""))
+    with no_float64():
+        run.setup()
+        run.train()
+        run.finish()
+    assert (tmp_path / "runs" / "run" / "checkpoints" / "step-000002").is_dir()
+    assert len((tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
@@ -278,11 +394,11 @@ def test_qlora_off_cuda_fails_at_start_up(tmp_path: Path, tiny_model_dir: Path, 
     assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("launch", ["cpu.yaml", "mps.yaml", "single_gpu.yaml"])
+@pytest.mark.parametrize("launch", ["mps.yaml", "single_gpu.yaml"])
 def test_single_device_launch_configs_run_the_loop(
     launch: str, tmp_path: Path, tiny_model_dir: Path, small_shards: Path
 ) -> None:
-    """The MacBook and one-GPU configs run the same loop (on the CPU here)."""
+    """The MacBook and one-GPU configs run the same loop (on the CPU here; cpu.yaml runs in the demo test)."""
     config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 2, "save_merged": False})
     run(train_command(config, launch=launch))
     assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 2
