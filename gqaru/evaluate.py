@@ -41,7 +41,8 @@ The prediction is the decoded new tokens up to eos (special tokens skipped) with
 whitespace stripped: the number lmms-eval would print for the same model and questions. The headline
 rule itself does not strip (gqaru.metrics); stripping the generated text is the producer's job, as
 in lmms-eval's task loop. Each record also keeps `prediction_at_end_of_turn`, the same tokens cut at
-the first `<end_of_turn>` (what a chat-style stop would give), scored as a second, labelled figure.
+the first end-of-turn token of the model's template (`<end_of_turn>` for Gemma; what a chat-style stop
+would give), scored as a second, labelled figure.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from gqaru import accel, modeling
 from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
 from gqaru.config import Config, config_from_command_line, save_config
 from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
-from gqaru.prompts import tokenizer_habits
+from gqaru.prompts import ChatFormatError, tokenizer_habits
 from gqaru.report import error_analysis, write_report
 from gqaru.shards import (
     ShardError,
@@ -109,7 +110,7 @@ class Answer:
     prediction: str
     """As lmms-eval reads it (the headline): up to eos, special tokens skipped, stripped."""
     at_end_of_turn: str
-    """Cut at the first `<end_of_turn>` as well (a secondary, labelled figure; not lmms-eval's)."""
+    """Cut at the first end-of-turn token as well (a secondary, labelled figure; not lmms-eval's)."""
 
 
 @dataclass
@@ -237,12 +238,12 @@ class Answerer:
         return [self.decode(row) for row in generated[:, prompt_length:].tolist()]
 
     def decode(self, new_tokens: list[int]) -> Answer:
-        """lmms-eval's reading of the generated tokens, and the `<end_of_turn>` reading beside it.
+        """lmms-eval's reading of the generated tokens, and the end-of-turn reading beside it.
 
         The reference: the tokens up to the first eos (what follows in a batch is padding), decoded
         with special tokens skipped, stripped. The secondary reading also stops at the first
-        `<end_of_turn>`: what stopping generation there would have given (greedy decoding makes it a
-        prefix of the same tokens).
+        end-of-turn token of the template (`<end_of_turn>` for Gemma): what stopping generation there
+        would have given (greedy decoding makes it a prefix of the same tokens).
         """
         if self.eos_id in new_tokens:
             new_tokens = new_tokens[: new_tokens.index(self.eos_id)]
@@ -474,6 +475,7 @@ def evaluate(
     processor = modeling.load_processor(
         config.model.name_or_path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
     )
+    tokenizer_habits(processor.tokenizer)  # a chat format gqaru cannot read: stop before loading weights
     model = modeling.load_for_inference(config.model, accelerator.device)
     if reuse_image_prefix is None:
         reuse_image_prefix = config.eval.reuse_image_prefix
@@ -555,7 +557,7 @@ def summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
     return (
         f"{headline['label']}: {100 * headline['accuracy']:.2f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
         f"{headline['correct']}/{headline['n']} questions; lemma match (secondary) "
-        f"{100 * metrics['lemma_match']['accuracy']:.2f}%; cut at <end_of_turn> (secondary, not lmms-eval) "
+        f"{100 * metrics['lemma_match']['accuracy']:.2f}%; cut at the end of turn (secondary, not lmms-eval) "
         f"{100 * metrics['end_of_turn_stop']['accuracy']:.2f}%.\n"
         f"{run['processes']} process(es), batch {run['batch_size']}, image-prefix KV reuse "
         f"{'on' if run['image_prefix_reuse'] else 'off'}: generation {run['generation_seconds']:.1f} s, "
@@ -573,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = accel.make_accelerator()
         evaluate(config, accelerator=accelerator)
     except (
-        ShardError, modeling.ModelSetupError, accel.RankBookkeepingError, accel.LaunchConfigError, FileNotFoundError
+        ShardError, modeling.ModelSetupError, ChatFormatError, accel.RankBookkeepingError, accel.LaunchConfigError,
+        FileNotFoundError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -44,10 +44,11 @@ HEADLINE_RULE = (
     "lower-case both strings, remove ASCII punctuation (Python string.punctuation), compare exactly; "
     "no ё→е, no whitespace stripping"
 )
-END_OF_TURN_LABEL = "exact match, answer cut at the first <end_of_turn> — secondary, NOT lmms-eval"
+END_OF_TURN_LABEL = "exact match, answer cut at the first end-of-turn token — secondary, NOT lmms-eval"
 END_OF_TURN_RULE = (
     "the headline rule on prediction_at_end_of_turn: the same generated tokens, also stopped at the first "
-    "<end_of_turn> (lmms-eval stops at eos only and decodes past <end_of_turn>)"
+    "end-of-turn token of the model's template (<end_of_turn> for Gemma; lmms-eval stops at eos only and "
+    "decodes past it)"
 )
 END_OF_TURN_FIELD = "prediction_at_end_of_turn"
 LEMMA_LABEL = "lemma match (pymorphy3 normal forms) — secondary, NOT the headline"

@@ -21,6 +21,12 @@ every other conversation the ids are the whole-string ids.
 
 Answer labels are the tokens that overlap the answer's characters, plus the end-of-turn token right
 after them. The same function serves training and generation, so both see identical prompt tokens.
+
+**The end of a model turn is read off the template**, not assumed: a user/assistant/user conversation
+is rendered with placeholders, and the template's text right after the answer must start with a
+special token (`<end_of_turn>` for Gemma, `<|eot_id|>` for Llama-3, `</s>` for a Vicuna template that
+writes the eos after an answer). A template that closes an answer otherwise (plain text, nothing)
+could not teach a model where its answer ends: `ChatFormatError` at start-up, naming the model.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from transformers import PreTrainedTokenizerBase
 
 INSTRUCTION = "Ответь одним словом."
 IMAGE_TOKEN = "<image>"
-END_OF_TURN = "<end_of_turn>"
 
 # Placeholders cannot collide with dataset text: they contain a NUL, which the texts are cleaned of.
 _SLOT = "\x00slot{}\x00"
@@ -61,13 +66,18 @@ class TokenizedConversation:
     answer_spans: list[tuple[int, int]]
 
 
+class ChatFormatError(ValueError):
+    """A chat template or tokenizer gqaru cannot build exact prompts and labels for; says which and why."""
+
+
 @dataclass(frozen=True)
 class TokenizerHabits:
-    """What a tokenizer does on its own that the prompt code must know."""
+    """What a tokenizer and its chat template do on their own that the prompt code must know."""
 
     prefix_ids: tuple[int, ...]
     """Ids the tokenizer puts in front of every text with default special-token handling (`<bos>`)."""
     end_of_turn_id: int
+    """The special token the template writes right after an answer (it is labelled with the answer)."""
     protected_ids: frozenset[int]
     """Ids of special and added tokens (matched as whole strings): dataset text must never yield them."""
 
@@ -75,38 +85,75 @@ class TokenizerHabits:
 _HABITS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, TokenizerHabits] = weakref.WeakKeyDictionary()
 
 
+def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, protected: frozenset[int]) -> int:
+    """The special token the chat template writes right after an answer.
+
+    Raises:
+        ChatFormatError: no chat template, one that cannot render user/assistant turns in order, or
+            one whose text after an answer does not start with a special token.
+    """
+    model = _model_name(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatFormatError(f"{model} has no chat template: gqaru renders prompts with the model's own template")
+    messages = [
+        {"role": "user", "content": user_content(_SLOT.format(0), with_image=True)},
+        {"role": "assistant", "content": _SLOT.format(1)},
+        {"role": "user", "content": user_content(_SLOT.format(2), with_image=False)},
+    ]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as error:  # jinja raises whatever the template raises
+        raise ChatFormatError(f"the chat template of {model} cannot render a user/assistant/user conversation: {error}") from error
+    parts = _SLOT_PATTERN.split(rendered)
+    if [int(number) for number in parts[1::2]] != [0, 1, 2]:
+        raise ChatFormatError(f"the chat template of {model} drops or reorders message contents")
+    after_answer = parts[4]
+    ids = tokenizer(after_answer, add_special_tokens=False)["input_ids"] if after_answer else []
+    if not ids or ids[0] not in protected:
+        raise ChatFormatError(
+            f"the chat template of {model} does not close a model turn with a special token (after an answer "
+            f"it writes {after_answer[:40]!r}): without one, training cannot teach where an answer ends"
+        )
+    return ids[0]
+
+
 def tokenizer_habits(tokenizer: PreTrainedTokenizerBase) -> TokenizerHabits:
-    """The tokenizer's prefix, end-of-turn id and special ids (worked out once per tokenizer object).
+    """The tokenizer's prefix, the template's end-of-turn id and the special ids (worked out once per
+    tokenizer object).
 
     The prefix is read off the tokenizer itself: a probe text encoded with and without special
     tokens. A tokenizer that appends something to every text (`add_eos_token`) is refused: a
-    generation prompt would end in it.
+    generation prompt would end in it. The end of turn is read off the chat template
+    (`end_of_turn_id`).
 
     Raises:
-        ValueError: no single-token `<end_of_turn>`, or special tokens appended after every text.
+        ChatFormatError: a template without a special token after an answer, or special tokens
+            appended after every text.
     """
     habits = _HABITS.get(tokenizer)
     if habits is not None:
         return habits
-    end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_of_turn_id is None or end_of_turn_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {END_OF_TURN} token: is this a Gemma-style chat model?")
+    protected = frozenset(tokenizer.added_tokens_decoder) | frozenset(tokenizer.all_special_ids)
     probe = "x"
     bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
     wrapped = tokenizer(probe)["input_ids"]
     start = next((i for i in range(len(wrapped) - len(bare) + 1) if wrapped[i : i + len(bare)] == bare), None)
     if start is None:
-        raise ValueError(f"cannot tell what the tokenizer adds around a text ({bare} vs {wrapped})")
+        raise ChatFormatError(f"cannot tell what the tokenizer of {_model_name(tokenizer)} adds around a text ({bare} vs {wrapped})")
     suffix = wrapped[start + len(bare) :]
     if suffix:
-        raise ValueError(
-            f"the tokenizer appends {tokenizer.convert_ids_to_tokens(suffix)} to every text (add_eos_token?): "
-            "a generation prompt would end in it; load the tokenizer with add_eos_token=False"
+        raise ChatFormatError(
+            f"the tokenizer of {_model_name(tokenizer)} appends {tokenizer.convert_ids_to_tokens(suffix)} to every "
+            "text (add_eos_token?): a generation prompt would end in it; load the tokenizer with add_eos_token=False"
         )
     habits = TokenizerHabits(
         prefix_ids=tuple(wrapped[:start]),
-        end_of_turn_id=end_of_turn_id,
-        protected_ids=frozenset(tokenizer.added_tokens_decoder) | frozenset(tokenizer.all_special_ids),
+        end_of_turn_id=end_of_turn_id(tokenizer, protected),
+        protected_ids=protected,
     )
     _HABITS[tokenizer] = habits
     return habits
@@ -180,8 +227,9 @@ def tokenize_conversation(
     Generation: the last turn has no answer and `add_generation_prompt=True`.
 
     Raises:
-        ValueError: the chat template dropped or reordered a text, does not close a model turn
-            with `<end_of_turn>`, or the tokenizer has no single-token `<end_of_turn>`.
+        ChatFormatError: as `tokenizer_habits`.
+        ValueError: the chat template dropped or reordered a text, or did not close a model turn
+            with its end-of-turn token.
     """
     if not turns:
         raise ValueError("a conversation needs at least one turn")
@@ -200,7 +248,9 @@ def tokenize_conversation(
     closed = []
     for start, end in answer_spans:
         if end >= len(ids) or ids[end] != habits.end_of_turn_id:
-            raise ValueError(f"the chat template does not close a model turn with {END_OF_TURN}")
+            raise ValueError(
+                f"the chat template did not close a model turn with {tokenizer.convert_ids_to_tokens(habits.end_of_turn_id)}"
+            )
         closed.append((start, end + 1))  # the label span runs through the end-of-turn token
     return TokenizedConversation(input_ids=ids, answer_spans=closed)
 

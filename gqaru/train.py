@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from gqaru import accel, modeling
+from gqaru import accel, modeling, prompts
 from gqaru.collate import DropCounter, EncodedSequence, SequencePlanner, TrainingCollator
 from gqaru.config import Config, ConfigError, config_from_command_line, save_config
 from gqaru.shards import rank_sample_metas, training_pipeline
@@ -238,6 +238,7 @@ class TrainingRun:
         self.processor = modeling.load_processor(
             config.model.name_or_path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
         )
+        prompts.tokenizer_habits(self.processor.tokenizer)  # a chat format gqaru cannot read: stop before loading weights
         self.collator = TrainingCollator(self.processor)
         self._check_image_size()
         model = modeling.load_base_model(config.model, accelerator.device, for_training=True)
@@ -656,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.setup()
         run.train()
-    except (ConfigError, modeling.ModelSetupError, accel.RankBookkeepingError, accel.LaunchConfigError) as error:
+    except (
+        ConfigError, modeling.ModelSetupError, prompts.ChatFormatError, accel.RankBookkeepingError, accel.LaunchConfigError
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

@@ -154,3 +154,99 @@ def test_special_token_text_in_dataset_text_never_yields_a_special_id(replica, h
         assert tokens.input_ids.count(index) == plain.input_ids.count(index), tokenizer.convert_ids_to_tokens([index])
     labelled = [tokenizer.decode(tokens.input_ids[start:end]) for start, end in tokens.answer_spans]
     assert labelled == [f"круг{hostile}<end_of_turn>", "слева<end_of_turn>"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of a model turn, read off each family's template with its real tokenizer.
+
+# Llama-3's chat format (REAL_MODELS.md): <|begin_of_text|>, then per message
+# <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# A Vicuna template that closes an answer with the eos text (as LLaVA-1.5 was trained): USER: ... ASSISTANT: {answer}</s>
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# llava-hf's own llava-1.5 style: the answer is followed by a space and the next USER, no special token.
+NO_MARKER_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from gqaru.standins import real_tokenizers
+
+    backend = real_tokenizers.llama3_backend(real_tokenizers.tokenizer_file("llama3"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE,
+        name_or_path="llama3-replica",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from gqaru.standins import real_tokenizers
+
+    directory = tmp_path_factory.mktemp("llama2")
+    (directory / "tokenizer.model").write_bytes(real_tokenizers.tokenizer_file("llama2").read_bytes())
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "chat_template": VICUNA_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def test_the_end_of_turn_is_read_off_each_family_s_template(replica, tiny, llama3_tokenizer, llama2_tokenizer) -> None:
+    from gqaru.prompts import tokenizer_habits
+
+    found = {
+        "gemma (replica)": tokenizer_habits(replica.tokenizer).end_of_turn_id,
+        "tiny": tokenizer_habits(tiny.tokenizer).end_of_turn_id,
+        "llama3": tokenizer_habits(llama3_tokenizer).end_of_turn_id,
+        "vicuna": tokenizer_habits(llama2_tokenizer).end_of_turn_id,
+    }
+    assert found == {
+        "gemma (replica)": 107,  # <end_of_turn>
+        "tiny": tiny.tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+        "llama3": 128009,  # <|eot_id|>
+        "vicuna": 2,  # </s>
+    }
+    assert tokenizer_habits(llama3_tokenizer).prefix_ids == ()  # the template writes <|begin_of_text|>
+
+
+@pytest.mark.parametrize("family", ["llama3", "vicuna"])
+def test_labels_are_each_answer_and_its_end_of_turn_in_other_families(request, family: str) -> None:
+    tokenizer = request.getfixturevalue("llama3_tokenizer" if family == "llama3" else "llama2_tokenizer")
+    turns = [Turn("Какого цвета кот?", "серый"), Turn("Кто слева?", "собака")]
+    conversation = tokenize_conversation(tokenizer, turns)
+    end = "<|eot_id|>" if family == "llama3" else "</s>"
+    labelled = [tokenizer.decode(conversation.input_ids[start:stop]).strip() for start, stop in conversation.answer_spans]
+    assert labelled == [f"серый{end}", f"собака{end}"]
+    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>" if family == "llama3" else "<s>")
+    assert conversation.input_ids.count(bos) == 1 and conversation.input_ids[0] == bos
+
+
+def test_a_template_without_an_end_of_turn_token_is_a_clear_error(llama2_tokenizer) -> None:
+    import copy
+
+    from gqaru.prompts import ChatFormatError, tokenizer_habits
+
+    tokenizer = copy.deepcopy(llama2_tokenizer)
+    tokenizer.chat_template = NO_MARKER_TEMPLATE
+    tokenizer.name_or_path = "llava-hf/llava-1.5-7b-hf"
+    with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf does not close a model turn with a special token"):
+        tokenizer_habits(tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf has no chat template"):
+        tokenizer_habits(tokenizer)

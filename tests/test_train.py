@@ -289,6 +289,22 @@ def test_a_deepspeed_json_against_model_dtype_is_refused(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_chat_template_without_an_end_of_turn_token_stops_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path, small_shards: Path, capsys
+) -> None:
+    from gqaru import train
+
+    model_dir = tmp_path / "no-end-of-turn"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}model:{% endif %}"
+    )
+    assert train.main([str(write_config(tmp_path, model_dir, small_shards))]) == 2
+    error = capsys.readouterr().err
+    assert "no-end-of-turn does not close a model turn with a special token" in error
+
+
 def test_a_run_makes_no_float64_tensor(tmp_path: Path, tiny_model_dir: Path, small_shards: Path, no_float64) -> None:
     """MPS has no float64: one such tensor on the device (the log step's reduction made one) ended
     MacBook runs at step 10. Set-up, steps, log lines, a checkpoint and the export make none."""
