@@ -41,6 +41,16 @@ from transformers import PreTrainedTokenizerBase
 INSTRUCTION = "Ответь одним словом."
 IMAGE_TOKEN = "<image>"
 
+LMMS_EVAL_VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %} "
+    "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+"""The template lmms-eval's `llava_hf` gives a tokenizer that has none (llava-1.5 checkpoints),
+character for character: the reference protocol's prompt for such a model. An answer ends with eos."""
+
 # Placeholders cannot collide with dataset text: they contain a NUL, which the texts are cleaned of.
 _SLOT = "\x00slot{}\x00"
 _SLOT_PATTERN = re.compile("\x00slot(\\d+)\x00")

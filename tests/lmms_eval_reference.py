@@ -30,16 +30,28 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 
 INSTRUCTION = "\nОтветь одним словом."
 
+# lmms-eval's llava_hf default for a tokenizer without a chat template (llava-1.5 checkpoints).
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %} "
+    "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 
 def reference_processor(model_dir: str | Path):
     """AutoProcessor with the image expansion values transformers 5 needs, from the model config.
 
-    The PIL image processor, as the real checkpoint's transformers 4.x processor was."""
+    The PIL image processor, as the real checkpoint's transformers 4.x processor was. A tokenizer
+    without a chat template gets lmms-eval's Vicuna one, as llava_hf gives it."""
     config = AutoConfig.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
     processor.patch_size = config.vision_config.patch_size
     processor.vision_feature_select_strategy = config.vision_feature_select_strategy
     processor.num_additional_image_tokens = 1  # CLIP's class token
+    if processor.tokenizer.chat_template is None:
+        processor.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
     return processor
 
 

@@ -250,3 +250,50 @@ def test_a_template_without_an_end_of_turn_token_is_a_clear_error(llama2_tokeniz
     tokenizer.chat_template = None
     with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf has no chat template"):
         tokenizer_habits(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def vicuna_dir(llama2_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llava-1.5-style processor dir (REAL_MODELS.md): the real Llama-2 tokenizer with `<image>`
+    32000 and pad 32001, no chat template, CLIP at 336 px / patch 14; the config only (no weights)."""
+    import copy
+
+    from tokenizers import AddedToken
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    directory = tmp_path_factory.mktemp("vicuna")
+    tokenizer = copy.deepcopy(llama2_tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False), AddedToken("<pad>", special=True, normalized=False)],
+                         special_tokens=True)  # fmt: skip
+    tokenizer.pad_token = "<pad>"
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32)  # fmt: skip
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=32064)
+    LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001).save_pretrained(directory)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
+def test_a_model_without_a_template_gets_lmms_eval_s_vicuna_prompts(vicuna_dir: Path, synth_questions, caplog) -> None:
+    """llava-1.5 ships no chat template: gqaru says so and uses the one lmms-eval uses; prompts then
+    equal the reference's for every question, and an answer's labels end with `</s>`."""
+    from gqaru.prompts import tokenizer_habits
+
+    with caplog.at_level("WARNING", logger="gqaru.modeling"):
+        processor = load_processor(vicuna_dir)
+    assert "no chat template: using lmms-eval's Vicuna template" in caplog.text
+    assert tokenizer_habits(processor.tokenizer).end_of_turn_id == 2
+    reference = reference_processor(vicuna_dir)
+    image = Image.new("RGB", (336, 336), (120, 30, 200))
+    for row in synth_questions[:60]:
+        ours = tokenize_conversation(processor.tokenizer, [Turn(row["question"])], add_generation_prompt=True).input_ids
+        expected = reference.tokenizer(prompt_text(reference.tokenizer, row["question"]))["input_ids"]
+        assert ours == expected, row["question"]
+        assert reference_inputs(reference, image, row["question"])["input_ids"].shape[1] == len(ours) + 576 - 1
+    conversation = tokenize_conversation(processor.tokenizer, [Turn("Где кот?", "слева")])
+    (start, end), = conversation.answer_spans
+    assert processor.tokenizer.decode(conversation.input_ids[start:end]).strip() == "слева</s>"
