@@ -212,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         "replica",
         help="build a replica of a real hub checkpoint: its files, configs, real tokenizer; narrow random weights",
     )
-    replica.add_argument("name", help="the hub checkpoint to replicate: deepvk/llava-gemma-2b-lora")
+    replica.add_argument(
+        "name",
+        help="the hub checkpoint to replicate: deepvk/llava-gemma-2b-lora, llava-hf/llava-1.5-7b-hf or deepvk/llava-saiga-8b",
+    )
     replica.add_argument("--out", required=True, help="output dir (replaced whole; refused if it holds other files)")
     replica.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     replica.add_argument(

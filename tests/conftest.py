@@ -69,6 +69,28 @@ def replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def vicuna_replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A replica of llava-hf/llava-1.5-7b-hf (Vicuna on Llama-2): the real Llama-2 tokenizer, no chat
+    template (lmms-eval's Vicuna one applies), an untied LM head; answers vary."""
+    from gqaru.standins.replica import build_replica
+
+    out = tmp_path_factory.mktemp("replica") / "llava-1.5-7b"
+    build_replica("llava-hf/llava-1.5-7b-hf", out, seed=0, vary_answers=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def saiga_replica_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A replica of deepvk/llava-saiga-8b (Llama-3): the real Llama-3 tokenizer and chat format
+    (`<|eot_id|>` ends a turn; the template writes `<|begin_of_text|>`), an untied LM head; answers vary."""
+    from gqaru.standins.replica import build_replica
+
+    out = tmp_path_factory.mktemp("replica") / "llava-saiga-8b"
+    build_replica("deepvk/llava-saiga-8b", out, seed=0, vary_answers=True)
+    return out
+
+
 class _Float64Recorder(TorchDispatchMode):
     """Counts the torch ops whose output is a float64 tensor, on any device."""
 

@@ -15,7 +15,8 @@ SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 def test_configs_are_shipped() -> None:
     names = {path.name for path in SHIPPED}
-    assert {"train_lora.yaml", "train_qlora.yaml", "eval_testdev.yaml", "demo_train.yaml", "demo_eval.yaml"} <= names
+    assert {"train_lora.yaml", "train_qlora.yaml", "eval_testdev.yaml", "demo_train.yaml", "demo_eval.yaml",
+            "train_qlora_saiga8b.yaml", "eval_testdev_saiga8b.yaml"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
@@ -37,6 +38,11 @@ def test_real_run_settings() -> None:
     assert qlora.model.quantization == "4bit"
     evaluation = load_config(REPO_ROOT / "configs/eval_testdev.yaml")
     assert evaluation.eval.selection == "seed-report"  # the seed report's 300 rows, not a draw over ids
+    # Another family is the same run with the model switched (and sizes for an 8B model).
+    saiga = load_config(REPO_ROOT / "configs/eval_testdev_saiga8b.yaml")
+    assert saiga.eval == evaluation.eval and saiga.model.name_or_path == "deepvk/llava-saiga-8b"
+    saiga_qlora = load_config(REPO_ROOT / "configs/train_qlora_saiga8b.yaml")
+    assert (saiga_qlora.model.quantization, saiga_qlora.lora) == ("4bit", qlora.lora)
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:

@@ -157,21 +157,8 @@ def test_special_token_text_in_dataset_text_never_yields_a_special_id(replica, h
 
 
 # --------------------------------------------------------------------------------------------------
-# The end of a model turn, read off each family's template with its real tokenizer.
+# The end of a model turn, read off each family's template, on the replicas (real tokenizers).
 
-# Llama-3's chat format (REAL_MODELS.md): <|begin_of_text|>, then per message
-# <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-# A Vicuna template that closes an answer with the eos text (as LLaVA-1.5 was trained): USER: ... ASSISTANT: {answer}</s>
-VICUNA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 # llava-hf's own llava-1.5 style: the answer is followed by a space and the next USER, no special token.
 NO_MARKER_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() }}: {{ message['content'] }} {% endfor %}"
@@ -180,69 +167,68 @@ NO_MARKER_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def llama3_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-
-    from gqaru.standins import real_tokenizers
-
-    backend = real_tokenizers.llama3_backend(real_tokenizers.tokenizer_file("llama3"))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE,
-        name_or_path="llama3-replica",
-    )  # fmt: skip
+def llama3(saiga_replica_dir: Path):
+    return load_processor(saiga_replica_dir)
 
 
 @pytest.fixture(scope="module")
-def llama2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    import json
-
-    from transformers import AutoTokenizer
-
-    from gqaru.standins import real_tokenizers
-
-    directory = tmp_path_factory.mktemp("llama2")
-    (directory / "tokenizer.model").write_bytes(real_tokenizers.tokenizer_file("llama2").read_bytes())
-    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "chat_template": VICUNA_TEMPLATE}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return AutoTokenizer.from_pretrained(directory)
+def vicuna(vicuna_replica_dir: Path):
+    return load_processor(vicuna_replica_dir)
 
 
-def test_the_end_of_turn_is_read_off_each_family_s_template(replica, tiny, llama3_tokenizer, llama2_tokenizer) -> None:
+def test_the_end_of_turn_is_read_off_each_family_s_template(replica, tiny, llama3, vicuna) -> None:
     from gqaru.prompts import tokenizer_habits
 
-    found = {
-        "gemma (replica)": tokenizer_habits(replica.tokenizer).end_of_turn_id,
-        "tiny": tokenizer_habits(tiny.tokenizer).end_of_turn_id,
-        "llama3": tokenizer_habits(llama3_tokenizer).end_of_turn_id,
-        "vicuna": tokenizer_habits(llama2_tokenizer).end_of_turn_id,
-    }
+    found = {name: tokenizer_habits(processor.tokenizer).end_of_turn_id
+             for name, processor in {"gemma": replica, "tiny": tiny, "llama3": llama3, "vicuna": vicuna}.items()}  # fmt: skip
     assert found == {
-        "gemma (replica)": 107,  # <end_of_turn>
+        "gemma": 107,  # <end_of_turn>
         "tiny": tiny.tokenizer.convert_tokens_to_ids("<end_of_turn>"),
         "llama3": 128009,  # <|eot_id|>
-        "vicuna": 2,  # </s>
+        "vicuna": 2,  # </s>, written by lmms-eval's Vicuna template
     }
-    assert tokenizer_habits(llama3_tokenizer).prefix_ids == ()  # the template writes <|begin_of_text|>
+    # <bos>: the Llama-3 template writes <|begin_of_text|>, the tokenizer would add it too: once.
+    conversation = tokenize_conversation(llama3.tokenizer, [Turn("Где кот?")], add_generation_prompt=True)
+    assert conversation.input_ids.count(128000) == 1 and conversation.input_ids[0] == 128000
 
 
 @pytest.mark.parametrize("family", ["llama3", "vicuna"])
 def test_labels_are_each_answer_and_its_end_of_turn_in_other_families(request, family: str) -> None:
-    tokenizer = request.getfixturevalue("llama3_tokenizer" if family == "llama3" else "llama2_tokenizer")
-    turns = [Turn("Какого цвета кот?", "серый"), Turn("Кто слева?", "собака")]
-    conversation = tokenize_conversation(tokenizer, turns)
+    tokenizer = request.getfixturevalue(family).tokenizer
+    conversation = tokenize_conversation(tokenizer, [Turn("Какого цвета кот?", "серый"), Turn("Кто слева?", "собака")])
     end = "<|eot_id|>" if family == "llama3" else "</s>"
     labelled = [tokenizer.decode(conversation.input_ids[start:stop]).strip() for start, stop in conversation.answer_spans]
     assert labelled == [f"серый{end}", f"собака{end}"]
-    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>" if family == "llama3" else "<s>")
-    assert conversation.input_ids.count(bos) == 1 and conversation.input_ids[0] == bos
+    assert conversation.input_ids.count(tokenizer.bos_token_id) == 1 and conversation.input_ids[0] == tokenizer.bos_token_id
 
 
-def test_a_template_without_an_end_of_turn_token_is_a_clear_error(llama2_tokenizer) -> None:
+@pytest.mark.parametrize("family", ["llama3", "vicuna"])
+def test_other_families_generation_prompts_equal_the_processors(request, family: str, synth_questions) -> None:
+    """Token for token the reference's prompt (for llava-1.5: with the Vicuna template lmms-eval
+    gives a tokenizer that has none), and the image tokens on top."""
+    processor = request.getfixturevalue(family)
+    directory = request.getfixturevalue("saiga_replica_dir" if family == "llama3" else "vicuna_replica_dir")
+    reference = reference_processor(directory)
+    image = Image.new("RGB", (336, 336), (120, 30, 200))
+    for row in synth_questions[:60]:
+        ours = tokenize_conversation(processor.tokenizer, [Turn(row["question"])], add_generation_prompt=True).input_ids
+        expected = _whole_string_ids(reference.tokenizer, prompt_text(reference.tokenizer, row["question"]))
+        assert ours == expected, row["question"]
+    assert reference_inputs(reference, image, row["question"])["input_ids"].shape[1] == len(ours) + 576 - 1
+
+
+def test_a_model_without_a_template_gets_lmms_eval_s_and_the_log_says_so(vicuna_replica_dir: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="gqaru.modeling"):
+        load_processor(vicuna_replica_dir)
+    assert "no chat template: using lmms-eval's Vicuna template" in caplog.text
+
+
+def test_a_template_without_an_end_of_turn_token_is_a_clear_error(vicuna) -> None:
     import copy
 
     from gqaru.prompts import ChatFormatError, tokenizer_habits
 
-    tokenizer = copy.deepcopy(llama2_tokenizer)
+    tokenizer = copy.deepcopy(vicuna.tokenizer)
     tokenizer.chat_template = NO_MARKER_TEMPLATE
     tokenizer.name_or_path = "llava-hf/llava-1.5-7b-hf"
     with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf does not close a model turn with a special token"):
@@ -250,50 +236,3 @@ def test_a_template_without_an_end_of_turn_token_is_a_clear_error(llama2_tokeniz
     tokenizer.chat_template = None
     with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf has no chat template"):
         tokenizer_habits(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def vicuna_dir(llama2_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A llava-1.5-style processor dir (REAL_MODELS.md): the real Llama-2 tokenizer with `<image>`
-    32000 and pad 32001, no chat template, CLIP at 336 px / patch 14; the config only (no weights)."""
-    import copy
-
-    from tokenizers import AddedToken
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
-
-    directory = tmp_path_factory.mktemp("vicuna")
-    tokenizer = copy.deepcopy(llama2_tokenizer)
-    tokenizer.chat_template = None
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False), AddedToken("<pad>", special=True, normalized=False)],
-                         special_tokens=True)  # fmt: skip
-    tokenizer.pad_token = "<pad>"
-    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=336, patch_size=14, projection_dim=32)  # fmt: skip
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=32064)
-    LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001).save_pretrained(directory)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(directory)  # fmt: skip
-    return directory
-
-
-def test_a_model_without_a_template_gets_lmms_eval_s_vicuna_prompts(vicuna_dir: Path, synth_questions, caplog) -> None:
-    """llava-1.5 ships no chat template: gqaru says so and uses the one lmms-eval uses; prompts then
-    equal the reference's for every question, and an answer's labels end with `</s>`."""
-    from gqaru.prompts import tokenizer_habits
-
-    with caplog.at_level("WARNING", logger="gqaru.modeling"):
-        processor = load_processor(vicuna_dir)
-    assert "no chat template: using lmms-eval's Vicuna template" in caplog.text
-    assert tokenizer_habits(processor.tokenizer).end_of_turn_id == 2
-    reference = reference_processor(vicuna_dir)
-    image = Image.new("RGB", (336, 336), (120, 30, 200))
-    for row in synth_questions[:60]:
-        ours = tokenize_conversation(processor.tokenizer, [Turn(row["question"])], add_generation_prompt=True).input_ids
-        expected = reference.tokenizer(prompt_text(reference.tokenizer, row["question"]))["input_ids"]
-        assert ours == expected, row["question"]
-        assert reference_inputs(reference, image, row["question"])["input_ids"].shape[1] == len(ours) + 576 - 1
-    conversation = tokenize_conversation(processor.tokenizer, [Turn("Где кот?", "слева")])
-    (start, end), = conversation.answer_spans
-    assert processor.tokenizer.decode(conversation.input_ids[start:end]).strip() == "слева</s>"

@@ -142,26 +142,25 @@ def test_a_dir_of_other_files_is_never_replaced(tmp_path: Path, capsys: pytest.C
     assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
-def test_the_llama3_tokenizer_is_meta_s() -> None:
-    """For the Llama-3 family (deepvk/llava-saiga-8b): the wheel's BPE ranks, converted by
-    transformers' tiktoken converter, give Meta's ids (REAL_MODELS.md)."""
-    backend = real_tokenizers.llama3_backend(real_tokenizers.tokenizer_file("llama3"))
-    assert backend.get_vocab_size() == 128_256
-    special = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
+@pytest.mark.parametrize("family", ["vicuna", "llama3"])
+def test_the_other_families_replicas_hold_the_real_facts(request, family: str) -> None:
+    """REAL_MODELS.md's facts of llava-hf/llava-1.5-7b-hf and deepvk/llava-saiga-8b, as stock
+    transformers reads the replica's files."""
+    from gqaru.standins.replica import REPLICAS
+
+    directory = request.getfixturevalue("vicuna_replica_dir" if family == "vicuna" else "saiga_replica_dir")
+    hub_id = "llava-hf/llava-1.5-7b-hf" if family == "vicuna" else "deepvk/llava-saiga-8b"
+    assert sorted(path.name for path in directory.iterdir()) == replica_files(REPLICAS[hub_id])
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if family == "vicuna":
+        assert tokenizer.chat_template is None  # lmms-eval (and gqaru) supply the Vicuna one
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+        assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
+        assert tokenizer("Hello world")["input_ids"] == [1, 15043, 3186]
+    else:
+        ids = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
                "<|end_header_id|>": 128007, "<|eot_id|>": 128009}  # fmt: skip
-    assert {token: backend.token_to_id(token) for token in special} == special
-    assert backend.encode("Hello world").ids == [9906, 1917]
-    text = "Какого цвета кот слева?"
-    encoded = backend.encode(f"{text}<|eot_id|>").ids
-    assert encoded[-1] == 128009 and backend.decode(encoded[:-1]) == text
-
-
-def test_the_llama2_tokenizer_is_vicuna_s(tmp_path: Path) -> None:
-    """For the Vicuna family (llava-hf/llava-1.5-7b-hf): the wheel's SentencePiece model loads in
-    stock transformers with Llama-2's ids; `</s>` after an answer is the eos id."""
-    (tmp_path / "tokenizer.model").write_bytes(real_tokenizers.tokenizer_file("llama2").read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True}))
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(tokenizer) == 32_000 and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
-    assert tokenizer("Hello world")["input_ids"] == [1, 15043, 3186]
-    assert tokenizer("ответь</s>", add_special_tokens=False)["input_ids"][-1] == 2
+        assert {token: tokenizer.convert_tokens_to_ids(token) for token in ids} == ids
+        assert tokenizer("Hello world")["input_ids"] == [128000, 9906, 1917]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Где кот?"}], tokenize=False, add_generation_prompt=True)
+        assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nГде кот?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -420,10 +420,16 @@ def test_single_device_launch_configs_run_the_loop(
     assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 2
 
 
-def test_the_whole_pipeline_on_the_replica(tmp_path: Path, replica_dir: Path, small_shards: Path, synth_dir: Path) -> None:
-    """deepvk/llava-gemma-2b-lora's replica through the three commands: train 2 steps (LoRA, activation
+@pytest.mark.parametrize("family", ["gemma", "vicuna", "llama3"])
+def test_the_whole_pipeline_on_the_replica(
+    request, family: str, tmp_path: Path, small_shards: Path, synth_dir: Path
+) -> None:
+    """A replica of each family (deepvk/llava-gemma-2b-lora; llava-hf/llava-1.5-7b-hf, which has no
+    chat template; deepvk/llava-saiga-8b) through the three commands: train 2 steps (LoRA, activation
     checkpointing, as configs/train_lora.yaml), export; the merged model loads in stock transformers,
     builds the base model's prompts and answers as the adapter does; evaluate equals the reference loop."""
+    fixture = {"gemma": "replica_dir", "vicuna": "vicuna_replica_dir", "llama3": "saiga_replica_dir"}[family]
+    replica_dir = request.getfixturevalue(fixture)
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from lmms_eval_reference import prompt_text, reference_answers, reference_inputs, reference_processor
 
@@ -446,9 +452,9 @@ def test_the_whole_pipeline_on_the_replica(tmp_path: Path, replica_dir: Path, sm
         "from peft import PeftModel\n"
         f"sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})\n"
         "from lmms_eval_reference import reference_inputs, reference_processor\n"
-        f"base = LlavaForConditionalGeneration.from_pretrained({str(replica_dir)!r})\n"
+        f"base = LlavaForConditionalGeneration.from_pretrained({str(replica_dir)!r}, dtype=torch.float32)\n"
         f"adapted = PeftModel.from_pretrained(base, {str(run_dir / 'adapter')!r}).eval()\n"
-        f"merged = LlavaForConditionalGeneration.from_pretrained({str(merged)!r}).eval()\n"
+        f"merged = LlavaForConditionalGeneration.from_pretrained({str(merged)!r}, dtype=torch.float32).eval()\n"
         f"inputs = reference_inputs(reference_processor({str(merged)!r}), Image.new('RGB', (50, 40), (9, 99, 199)), 'Где шар?')\n"
         "with torch.no_grad():\n"
         "    gap = (adapted(**inputs).logits - merged(**inputs).logits).abs().max().item()\n"

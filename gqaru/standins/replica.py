@@ -20,6 +20,12 @@ checkpoint:
     gqaru replica deepvk/llava-gemma-2b-lora --out models/replica-llava-gemma-2b
     gqaru replica deepvk/llava-gemma-2b-lora --out DIR --vary-answers   # greedy answers vary (tests)
 
+Three checkpoints, one per chat family (`REPLICAS`): deepvk/llava-gemma-2b-lora (Gemma, the bullets
+above), llava-hf/llava-1.5-7b-hf (Vicuna on Llama-2: the real SentencePiece model, no chat template,
+an untied LM head) and deepvk/llava-saiga-8b (Llama-3: `tokenizer.json` converted from the real BPE
+ranks, the Llama-3 template, an untied LM head). Each spec says which of its values come from
+`shared/REAL_MODELS.md` and which are assumed; a fourth family is one more `ReplicaSpec`.
+
 Random weights answer every prompt alike; `vary_answers` makes the greedy answers input dependent,
 made of answer-like pieces, sometimes ending in `<eos>` and often passing through `<end_of_turn>`
 (`_vary_answers`), which is what a test of generation and scoring needs.
@@ -64,7 +70,11 @@ class ReplicaSpec:
     preprocessor_config: Mapping[str, Any]
     processor_config: Mapping[str, Any]
     answer_pieces: tuple[str, ...] = field(default=())
-    """Pieces `vary_answers` makes likely (with eos and the end-of-turn token)."""
+    """Pieces `vary_answers` makes likely (with `stop_tokens`)."""
+    stop_tokens: tuple[str, ...] = ("<eos>", "<end_of_turn>")
+    """What ends an answer: eos and the template's end-of-turn token (`vary_answers` favours them)."""
+    tied_embeddings: bool = True
+    """A tied LM head has no weight of its own on disk; an untied one is `language_model.lm_head.weight`."""
 
 
 GEMMA_CHAT_TEMPLATE = (
@@ -203,7 +213,177 @@ LLAVA_GEMMA_2B = ReplicaSpec(
     answer_pieces=_RUSSIAN_ANSWER_PIECES,
 )
 
-REPLICAS: dict[str, ReplicaSpec] = {LLAVA_GEMMA_2B.hub_id: LLAVA_GEMMA_2B}
+def _narrow_llama(key_value_heads: int) -> dict[str, dict[str, Any]]:
+    """A Llama text model as narrow as the Gemma replica's (Linear shapes fit the 4-bit CPU kernels)."""
+    text = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return {"text_config": {**text, "num_key_value_heads": key_value_heads}, "vision_config": LLAVA_GEMMA_2B.narrow["vision_config"]}
+
+
+# llava-hf/llava-1.5-7b-hf (Vicuna-7B on Llama-2), the revision whose tokenizer has no chat template.
+# From REAL_MODELS.md: the Llama-2 tokenizer (32,000 pieces), <image> 32000, pad 32001, the Vicuna
+# prompt, answers ended by </s>, no template (lmms-eval supplies its Vicuna one). The other values
+# are the LLaVA-1.5 / Vicuna-7B ones of the transformers 4.36 era the checkpoint was written with.
+LLAVA_1_5_7B = ReplicaSpec(
+    hub_id="llava-hf/llava-1.5-7b-hf",
+    tokenizer="llama2",
+    added_tokens={"<image>": 32000, "<pad>": 32001},
+    tokenizer_config={
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(index): _added_token_entry(content)
+            for index, content in [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (32000, "<image>"), (32001, "<pad>")]
+        },
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "processor_class": "LlavaProcessor",
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    },
+    special_tokens_map={
+        "bos_token": _special("<s>"),
+        "eos_token": _special("</s>"),
+        "pad_token": _special("<pad>"),
+        "unk_token": _special("<unk>"),
+    },
+    config={
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": 32000,
+        "model_type": "llava",
+        "pad_token_id": 32001,
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+            "num_key_value_heads": 32,
+            "rms_norm_eps": 1e-05,
+            "torch_dtype": "float16",
+            "vocab_size": 32064,
+        },
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.0.dev0",
+        "vision_config": {
+            "hidden_size": 1024,
+            "image_size": 336,
+            "intermediate_size": 4096,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "vocab_size": 32000,
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": 32064,
+    },
+    narrow=_narrow_llama(key_value_heads=2),
+    generation_config={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001, "transformers_version": "4.36.0.dev0"},
+    preprocessor_config=LLAVA_GEMMA_2B.preprocessor_config,
+    processor_config={"processor_class": "LlavaProcessor"},
+    answer_pieces=("▁да", "▁Да", "▁не", "т", "▁сле", "ва", "▁боль", "шой"),
+    stop_tokens=("</s>",),
+    tied_embeddings=False,
+)
+
+def _byte_level(text: str) -> str:
+    """`text` as a byte-level BPE token string (how Llama-3's vocabulary spells it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return "".join(table[byte] for byte in text.encode("utf-8"))
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+"""Meta's Llama-3-Instruct template (it writes `<|begin_of_text|>` itself; the tokenizer adds one too)."""
+
+# deepvk/llava-saiga-8b (LLaVA-1.5 recipe on IlyaGusev/saiga_llama3_8b). From REAL_MODELS.md: the
+# Llama-3 tokenizer and special ids, the Llama-3 chat format, turns ended by <|eot_id|>. NOT in it,
+# so assumed here and to be checked against the hub files: <image>/<pad> appended after the 256
+# special tokens (128256/128257), the vocabulary padded to 128320, eos <|eot_id|>, Meta's
+# Llama-3-Instruct template, the Llama-3-8B text config, the 4.42 file layout without tokenizer.model.
+LLAVA_SAIGA_8B = ReplicaSpec(
+    hub_id="deepvk/llava-saiga-8b",
+    tokenizer="llama3",
+    added_tokens={"<image>": 128256, "<pad>": 128257},
+    tokenizer_config={
+        "added_tokens_decoder": {
+            str(real_tokenizers.LLAMA3_BASE_VOCABULARY + index): _added_token_entry(content)
+            for index, content in enumerate(real_tokenizers.LLAMA3_SPECIAL_TOKENS)
+        }
+        | {"128256": _added_token_entry("<image>"), "128257": _added_token_entry("<pad>")},
+        "bos_token": "<|begin_of_text|>",
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "<|eot_id|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "pad_token": "<pad>",
+        "processor_class": "LlavaProcessor",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    },
+    special_tokens_map={
+        "bos_token": _special("<|begin_of_text|>"),
+        "eos_token": _special("<|eot_id|>"),
+        "pad_token": _special("<pad>"),
+    },
+    config={
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": 128256,
+        "model_type": "llava",
+        "pad_token_id": 128257,
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "_name_or_path": "IlyaGusev/saiga_llama3_8b",
+            "architectures": ["LlamaForCausalLM"],
+            "bos_token_id": 128000,
+            "eos_token_id": 128009,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "max_position_embeddings": 8192,
+            "model_type": "llama",
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+            "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "torch_dtype": "bfloat16",
+            "vocab_size": 128320,
+        },
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.42.4",
+        "vision_config": LLAVA_GEMMA_2B.config["vision_config"],
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    },
+    narrow=_narrow_llama(key_value_heads=1),
+    generation_config={"bos_token_id": 128000, "eos_token_id": 128009, "pad_token_id": 128257, "transformers_version": "4.42.4"},
+    preprocessor_config=LLAVA_GEMMA_2B.preprocessor_config,
+    processor_config={"chat_template": None, "processor_class": "LlavaProcessor"},
+    answer_pieces=tuple(_byte_level(word) for word in ("да", "нет", " да", " нет", " Да", " Нет", " справа", " большой")),
+    stop_tokens=("<|eot_id|>",),
+    tied_embeddings=False,
+)
+
+REPLICAS: dict[str, ReplicaSpec] = {spec.hub_id: spec for spec in (LLAVA_GEMMA_2B, LLAVA_1_5_7B, LLAVA_SAIGA_8B)}
 
 
 def replica_config(spec: ReplicaSpec) -> dict[str, Any]:
@@ -214,8 +394,8 @@ def replica_config(spec: ReplicaSpec) -> dict[str, Any]:
     return config
 
 
-def legacy_key(name: str) -> str | None:
-    """The transformers 4.42 name of a transformers 5 LLaVA weight; None for the tied `lm_head`."""
+def legacy_key(name: str, *, tied_embeddings: bool = True) -> str | None:
+    """The transformers 4.x name of a transformers 5 LLaVA weight; None for a tied `lm_head`."""
     for new, old in (
         ("model.language_model.", "language_model.model."),
         ("model.vision_tower.", "vision_tower.vision_model."),
@@ -224,19 +404,36 @@ def legacy_key(name: str) -> str | None:
         if name.startswith(new):
             return old + name[len(new) :]
     if name == "lm_head.weight":
-        return None
-    raise ValueError(f"no 4.42 name known for weight {name!r}")
+        return None if tied_embeddings else "language_model.lm_head.weight"
+    raise ValueError(f"no 4.x name known for weight {name!r}")
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _ships_sentencepiece(spec: ReplicaSpec) -> bool:
+    return not real_tokenizers.MEMBERS[spec.tokenizer].path.endswith(".tiktoken")
+
+
 def _write_tokenizer(spec: ReplicaSpec, directory: Path) -> None:
-    """The real tokenizer files; `tokenizer.json` converted by transformers from the real model."""
+    """The real tokenizer files; `tokenizer.json` converted by transformers from the real model
+    (SentencePiece: `tokenizer.model` as shipped; Llama-3: its BPE ranks, with the hub's
+    `<|begin_of_text|>` post-processing)."""
+    from tokenizers import processors
     from transformers import AutoTokenizer
 
-    shutil.copyfile(real_tokenizers.tokenizer_file(spec.tokenizer), directory / "tokenizer.model")
+    if _ships_sentencepiece(spec):
+        shutil.copyfile(real_tokenizers.tokenizer_file(spec.tokenizer), directory / "tokenizer.model")
+    else:
+        backend = real_tokenizers.llama3_backend(real_tokenizers.tokenizer_file(spec.tokenizer))
+        bos = spec.special_tokens_map["bos_token"]["content"]
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, backend.token_to_id(bos))]),
+        ])  # fmt: skip
+        backend.save(str(directory / "tokenizer.json"))
     _write_json(directory / "tokenizer_config.json", spec.tokenizer_config)
     _write_json(directory / "special_tokens_map.json", spec.special_tokens_map)
     # Converted before added_tokens.json exists, so that what is added below is decided here.
@@ -264,7 +461,7 @@ def _vary_answers(model: torch.nn.Module, spec: ReplicaSpec, directory: Path, se
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     answers = tokenizer.convert_tokens_to_ids(list(spec.answer_pieces))
-    stops = tokenizer.convert_tokens_to_ids([tokenizer.eos_token, "<end_of_turn>"])
+    stops = tokenizer.convert_tokens_to_ids(list(spec.stop_tokens))
     unknown = [piece for piece, index in zip(spec.answer_pieces, answers) if index in (None, tokenizer.unk_token_id)]
     if unknown:
         raise ValueError(f"answer pieces not in the {spec.hub_id} vocabulary: {unknown}")
@@ -273,16 +470,16 @@ def _vary_answers(model: torch.nn.Module, spec: ReplicaSpec, directory: Path, se
         for name, parameter in model.named_parameters():
             if parameter.ndim >= 2 and "embed" not in name:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        embeddings = model.get_input_embeddings().weight
-        embeddings[answers] *= 6.0
-        embeddings[stops] *= 8.0
+        for weights in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+            weights[answers] *= 6.0
+            weights[stops] *= 8.0
 
 
-def _write_weights(model: torch.nn.Module, directory: Path, shards: int = WEIGHT_SHARDS) -> None:
-    """The state dict under 4.42 names in `shards` safetensors files of similar size, plus the index."""
+def _write_weights(model: torch.nn.Module, spec: ReplicaSpec, directory: Path, shards: int = WEIGHT_SHARDS) -> None:
+    """The state dict under 4.x names in `shards` safetensors files of similar size, plus the index."""
     tensors = {}
     for name, tensor in model.state_dict().items():
-        key = legacy_key(name)
+        key = legacy_key(name, tied_embeddings=spec.tied_embeddings)
         if key is not None:
             tensors[key] = tensor.detach().contiguous().clone()
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
@@ -308,11 +505,12 @@ def _write_weights(model: torch.nn.Module, directory: Path, shards: int = WEIGHT
 def replica_files(spec: ReplicaSpec) -> list[str]:
     """The file names of a replica: the hub repo's file set."""
     weights = [f"model-{number:05d}-of-{WEIGHT_SHARDS:05d}.safetensors" for number in range(1, WEIGHT_SHARDS + 1)]
+    sentencepiece = ["tokenizer.model"] if _ships_sentencepiece(spec) else []
     return sorted(
         [
             "added_tokens.json", "config.json", "generation_config.json", WEIGHTS_INDEX, "preprocessor_config.json",
-            "processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-            "tokenizer_config.json", *weights,
+            "processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+            *sentencepiece, *weights,
         ]
     )  # fmt: skip
 
@@ -349,5 +547,5 @@ def build_replica(name: str, out_dir: str | Path, *, seed: int = 0, vary_answers
             model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float32)
         if vary_answers:
             _vary_answers(model, spec, staging, seed)
-        _write_weights(model, staging)
+        _write_weights(model, spec, staging)
     return out_dir
