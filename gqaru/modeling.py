@@ -55,7 +55,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from gqaru.config import LoraConfig, ModelConfig
 from gqaru.files import atomic_directory
-from gqaru.prompts import LMMS_EVAL_VICUNA_TEMPLATE
+from gqaru.prompts import VICUNA_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def load_processor(
     counts one token too many). The three values are set from the model's own config: patch size
     from the vision config, the strategy from the LLaVA config, the extra-token count from the
     tower type (CLIP: 1). A pad token is set (eos) when the tokenizer has none, and a tokenizer
-    without a chat template gets the one lmms-eval gives it (`prompts.LMMS_EVAL_VICUNA_TEMPLATE`).
+    without a chat template gets lmms-eval's Vicuna prompt (`prompts.VICUNA_TEMPLATE`).
 
     Raises:
         ModelSetupError: the config is not a LLaVA config, or the processor's image size gives a
@@ -225,8 +225,8 @@ def load_processor(
     tokenizer = processor.tokenizer
     if not tokenizer.chat_template:
         # As the reference does: lmms-eval's llava_hf renders with the tokenizer's template, else its Vicuna one.
-        tokenizer.chat_template = LMMS_EVAL_VICUNA_TEMPLATE
-        logger.warning("%s has no chat template: using lmms-eval's Vicuna template (USER: ... ASSISTANT: ...</s>)", name_or_path)
+        tokenizer.chat_template = VICUNA_TEMPLATE
+        logger.warning("%s has no chat template: using lmms-eval's Vicuna prompt (USER: ... ASSISTANT: ...</s>)", name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.warning("the tokenizer has no pad token: padding with eos %r (padding is masked out)", tokenizer.eos_token)

@@ -31,6 +31,7 @@ could not teach a model where its answer ends: `ChatFormatError` at start-up, na
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from dataclasses import dataclass
@@ -38,18 +39,25 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+logger = logging.getLogger("gqaru.prompts")
+
 INSTRUCTION = "Ответь одним словом."
 IMAGE_TOKEN = "<image>"
 
-LMMS_EVAL_VICUNA_TEMPLATE = (
+VICUNA_TEMPLATE = (
     "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
     "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
-    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %} "
+    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %}"
     "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-"""The template lmms-eval's `llava_hf` gives a tokenizer that has none (llava-1.5 checkpoints),
-character for character: the reference protocol's prompt for such a model. An answer ends with eos."""
+"""For a tokenizer without a chat template (llava-1.5 checkpoints): the template lmms-eval's
+`llava_hf` gives such a tokenizer, but for one space. Generation prompts are lmms-eval's, character
+for character (`USER: <image>\n{question} ASSISTANT:`). lmms-eval's template opens a model turn
+with " ASSISTANT: " after the user turn's trailing space, so a trained answer would follow
+"q  ASSISTANT: " while evaluation asks after "q ASSISTANT:"; without that space an answer follows
+"q ASSISTANT: ", LLaVA-1.5's own training format (`USER: q ASSISTANT: a</s>`), and the space is the
+start of the answer's first token, as in generation. An answer ends with eos."""
 
 # Placeholders cannot collide with dataset text: they contain a NUL, which the texts are cleaned of.
 _SLOT = "\x00slot{}\x00"
@@ -121,6 +129,7 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, protected: frozenset[int]
     parts = _SLOT_PATTERN.split(rendered)
     if [int(number) for number in parts[1::2]] != [0, 1, 2]:
         raise ChatFormatError(f"the chat template of {model} drops or reorders message contents")
+    _check_model_turn_opening(tokenizer, parts[0] + _SLOT.format(0) + parts[2], model)
     after_answer = parts[4]
     ids = tokenizer(after_answer, add_special_tokens=False)["input_ids"] if after_answer else []
     if not ids or ids[0] not in protected:
@@ -129,6 +138,22 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, protected: frozenset[int]
             f"it writes {after_answer[:40]!r}): without one, training cannot teach where an answer ends"
         )
     return ids[0]
+
+
+def _check_model_turn_opening(tokenizer: PreTrainedTokenizerBase, before_answer: str, model: str) -> None:
+    """Warn when a trained answer would follow other text than the generation prompt ends with.
+
+    `before_answer` is the template's text in front of an answer (first turn, question slot 0).
+    It must be the generation prompt, plus at most whitespace (which becomes part of the answer's
+    first token, as when the model generates it)."""
+    messages = [{"role": "user", "content": user_content(_SLOT.format(0), with_image=True)}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not (before_answer.startswith(prompt) and not before_answer[len(prompt) :].strip()):
+        logger.warning(
+            "the chat template of %s opens a model turn with %r in training but ends a generation prompt with %r: "
+            "trained answers follow other text than evaluated ones",
+            model, before_answer[-30:], prompt[-30:],
+        )
 
 
 def tokenizer_habits(tokenizer: PreTrainedTokenizerBase) -> TokenizerHabits:

@@ -220,7 +220,7 @@ def test_other_families_generation_prompts_equal_the_processors(request, family:
 def test_a_model_without_a_template_gets_lmms_eval_s_and_the_log_says_so(vicuna_replica_dir: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="gqaru.modeling"):
         load_processor(vicuna_replica_dir)
-    assert "no chat template: using lmms-eval's Vicuna template" in caplog.text
+    assert "no chat template: using lmms-eval's Vicuna prompt" in caplog.text
 
 
 def test_a_template_without_an_end_of_turn_token_is_a_clear_error(vicuna) -> None:
@@ -236,3 +236,32 @@ def test_a_template_without_an_end_of_turn_token_is_a_clear_error(vicuna) -> Non
     tokenizer.chat_template = None
     with pytest.raises(ChatFormatError, match=r"llava-1.5-7b-hf has no chat template"):
         tokenizer_habits(tokenizer)
+
+
+@pytest.mark.parametrize("family", ["replica", "tiny", "llama3", "vicuna"])
+def test_a_trained_answer_follows_exactly_the_generation_prompt(request, family: str) -> None:
+    """What evaluation asks after is what training put in front of the answer, token for token, and
+    the labels start right there (for Vicuna the answer's first token carries the space)."""
+    tokenizer = request.getfixturevalue(family).tokenizer
+    prompt = tokenize_conversation(tokenizer, [Turn("Какого цвета кот?")], add_generation_prompt=True).input_ids
+    trained = tokenize_conversation(tokenizer, [Turn("Какого цвета кот?", "серый")])
+    assert trained.input_ids[: len(prompt)] == prompt
+    assert trained.answer_spans[0][0] == len(prompt)
+
+
+def test_lmms_eval_s_own_vicuna_template_would_skew_training_and_says_so(vicuna, caplog) -> None:
+    """lmms-eval's template opens a trained model turn with "  ASSISTANT: " (two spaces) where its
+    generation prompt ends "q ASSISTANT:": gqaru's Vicuna prompt drops that space, and warns about
+    any template that does this."""
+    import copy
+
+    from lmms_eval_reference import VICUNA_CHAT_TEMPLATE
+
+    from gqaru.prompts import tokenizer_habits
+
+    tokenizer = copy.deepcopy(vicuna.tokenizer)
+    tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+    with caplog.at_level("WARNING", logger="gqaru.prompts"):
+        tokenizer_habits(tokenizer)
+    assert "trained answers follow other text than evaluated ones" in caplog.text
+    assert ".  ASSISTANT: " in caplog.text
