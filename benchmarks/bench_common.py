@@ -21,6 +21,15 @@ from typing import Any
 
 DEFAULT_THREADS = 1
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout these benchmarks belong to: its `gqaru` is the one measured, in this process and in
+every child process (PYTHONPATH), even where the environment's editable install points at another
+checkout (an `pip install -e` elsewhere re-points a shared venv)."""
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))
+
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch threads, load average and library versions: what a number was measured on."""

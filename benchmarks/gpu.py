@@ -87,6 +87,36 @@ def model_dimensions(model_dir: str) -> dict[str, int]:
     }
 
 
+def preset_dimensions(preset: str = "gemma-2b-shapes") -> dict[str, int]:
+    """The same dimensions for a `gqaru.standins.tiny` preset, without building it. The default is
+    llava-gemma-2b's shapes (CLIP ViT-L/14-336 + Gemma-2b, 256k vocabulary): what FLOP predictions
+    for the real model use."""
+    from gqaru.standins.tiny import PRESETS
+
+    dims = PRESETS[preset]
+    if dims.text_vocab_size is None:
+        raise ValueError(
+            f"preset {preset!r} takes its vocabulary size from the tokenizer it is built with: "
+            "use model_dimensions(MODEL_DIR) of a built model"
+        )
+    grid = dims.image_size // dims.patch_size
+    return {
+        "hidden": dims.text_hidden_size,
+        "text_layers": dims.text_layers,
+        "heads": dims.text_heads,
+        "kv_heads": dims.text_kv_heads,
+        "head_dim": dims.text_head_dim,
+        "intermediate": dims.text_intermediate_size,
+        "vocab": dims.text_vocab_size,
+        "vision_width": dims.vision_hidden_size,
+        "vision_layers": dims.vision_layers,
+        "vision_intermediate": dims.vision_intermediate_size,
+        "vision_tokens": grid**2 + 1,
+        "patch_size": dims.patch_size,
+        "image_features": grid**2,
+    }
+
+
 def parameter_counts(
     dims: dict[str, int], lora_r: int, lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 ) -> dict[str, int]:
@@ -124,6 +154,25 @@ def sequence_flops(dims: dict[str, int], counts: dict[str, int], tokens: int, la
     forward = 2 * tokens * (counts["text"] + counts["lora"]) + text_attention + head + vision + projector
     backward = 2 * tokens * counts["text"] + 4 * tokens * counts["lora"] + 2 * text_attention + head
     return float(forward + backward)
+
+
+def predicted_training_speedup(
+    dims: dict[str, int],
+    counts: dict[str, int],
+    one_question_tokens: list[int],
+    gqaru_sequences: list[tuple[int, int]],
+) -> float:
+    """Model FLOPs of training the same questions one per sample with the model's own loss, over
+    those of gqaru's sequences: the speed-up the FLOP count alone predicts (same hardware efficiency).
+
+    `one_question_tokens`: each question's length alone (image tokens included), as the seed-style
+    `Trainer` trains it; its loss takes full-vocabulary logits at every position, so its LM head
+    runs (forward and input gradient) at all of them. `gqaru_sequences`: (length, label tokens) of
+    each planned sequence; gqaru's head runs at the label positions only (`sequence_flops`).
+    """
+    baseline = sum(sequence_flops(dims, counts, tokens, label_tokens=tokens) for tokens in one_question_tokens)
+    ours = sum(sequence_flops(dims, counts, tokens, label_tokens) for tokens, label_tokens in gqaru_sequences)
+    return baseline / ours
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:

@@ -1,19 +1,24 @@
 """The benchmark runner: one command, every performance goal measured as a ratio within one run.
 
-    python benchmarks/run.py            # or: make bench      (3-6 min on 2 shared CPU cores)
+    python benchmarks/run.py            # or: make bench      (~7 min on 2 shared CPU cores)
 
 Prints a table (each ratio beside its goal, NOT MET said plainly) and writes
-`benchmarks/results.json` (a list of {"id", "measure", "ratio", "goal", "met", "details"}) and
-`benchmarks/results.md` (the same as a Markdown table, for the README). Scratch files (data,
+`benchmarks/results.json` ({"results": a list of {"id", "measure", "ratio", "goal", "met",
+"details"}, "run": where and when it was measured}) and `benchmarks/results.md` (the same as a
+Markdown table). A full run to the default results path also rewrites the block between the
+`<!-- results.md -->` markers of README.md and benchmarks/README.md; `--readme-only` does only
+that, from the results.json there (the tables are generated, never typed). Scratch files (data,
 models, runs) go to `benchmarks/out/` (git-ignored), rebuilt on every run.
 
-- P1: training questions/s, gqaru's loop vs a seed-style `Trainer`, and held-out accuracy;
-  goal >= 5x at equal or better accuracy.
+- P1: training questions/s, gqaru's loop vs a seed-style `Trainer`, and held-out accuracy, on
+  GQA-ru train's shape (~1.45 questions per image; goal >= 2x at equal or better accuracy); P1-synth:
+  the same on the synthetic default's ~13 per image (goal >= 5x). Each beside the ratio the FLOP
+  count of llava-gemma-2b predicts for its shape.
 - P2: evaluation questions/s, `gqaru.evaluate` vs one `generate` per question, and the share of
   identical answers; goal >= 10x, >= 99.5% identical.
-- P3: shard build bytes/s vs a raw tar write of the same JPEG bytes; goal >= 0.5x.
+- P3 (P3-1, P3-2: 1 and 2 workers): shard build bytes/s vs a raw tar write of the same JPEG bytes; goal >= 0.5x.
 - P4: shard build peak RSS, 10x larger source vs 1x; goal <= 1.2x.
-- P5: loader questions/s vs what the P1 training step consumes; goal >= 10x.
+- P5: loader questions/s vs what the P1 training step consumes (GQA-ru train's shape); goal >= 10x.
 
 How each is measured is in the docstrings of bench_train.py (P1, P5), bench_eval.py (P2) and
 bench_shards.py (P3, P4). The GPU benchmark (tokens/s, MFU, memory on the full-size model) is
@@ -36,9 +41,18 @@ import bench_shards
 import bench_train
 from bench_common import DEFAULT_THREADS, machine_info
 
+from gqaru.files import replace_marked_block
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / "out"
 """The git-ignored scratch space."""
+DEFAULT_RESULTS = HERE / "results.json"
+READMES = (HERE.parent / "README.md", HERE / "README.md")
+"""Files whose block between the markers is the generated results.md."""
+RESULTS_MARKER = "results.md"
+"""The block sits between `<!-- results.md -->` and `<!-- /results.md -->`."""
+ORDER = ("P1", "P1-synth", "P2", "P3-1", "P3-2", "P3", "P4", "P5")
+"""Table order: the real-shape P1 leads; ids not listed (info entries) come last."""
 WORKDIR_MARKER = ".gqaru-benchmarks"
 """Marks another directory as run.py's scratch space: only such a directory (or the default) is
 emptied at the start."""
@@ -96,20 +110,58 @@ def _p1_line(entry: dict[str, Any]) -> str:
     seed, ours = details["seed_style"], details["gqaru"]
     paired = details["paired_gqaru_minus_seed_style"]
     majority = details["majority_answer_baseline"]
-    return (
-        f"P1: {ours['questions_per_s']} vs {seed['questions_per_s']} questions/s ({ours['questions']} questions; "
-        f"CPU-time ratio {details['ratio_cpu_time']}x); held-out accuracy gqaru {100 * accuracy['gqaru']:.1f}% vs "
+    shape, flops = details.get("data_shape"), details.get("flop_predicted_ratio")
+    padding = details.get("padding_pct")
+    text = f"{entry['id']}: "
+    if shape:
+        text += (
+            f"{shape['questions_per_image']} questions per image "
+            f"({100 * shape['share_of_images_with_1_or_2_questions']:.0f}% of images with one or two), "
+            f"{shape['questions_per_sequence']} per gqaru sequence; "
+        )
+    text += (
+        f"{ours['questions_per_s']} vs {seed['questions_per_s']} questions/s ({ours['questions']} questions; "
+        f"CPU-time ratio {details['ratio_cpu_time']}x)"
+    )
+    if flops:
+        text += (
+            f"; the FLOP count predicts {flops['llava-gemma-2b']}x for llava-gemma-2b at this shape "
+            f"({flops['benchmarked_model']}x for the benchmarked model)"
+        )
+    if padding:
+        planned = padding["planned_stream"]
+        grouped = {size: next(value for key, value in row.items() if key.startswith("length_grouping"))
+                   for size, row in planned.items()}  # fmt: skip
+        text += (
+            f"; padding gqaru {padding['gqaru']}% (batch {details['settings']['batch_size']}), seed-style "
+            f"{padding['seed_style']}%; the planned stream at batch 4 / 8 pads {planned['batch 4']['stream_order']}% / "
+            f"{planned['batch 8']['stream_order']}%, grouped by length {grouped['batch 4']}% / {grouped['batch 8']}%"
+        )
+    text += (
+        f"; held-out accuracy gqaru {100 * accuracy['gqaru']:.1f}% vs "
         f"seed-style {100 * accuracy['seed-style']:.1f}% (difference {100 * paired['b_minus_a']:+.1f} points, 95% CI "
         f"{100 * paired['interval_95'][0]:+.1f} to {100 * paired['interval_95'][1]:+.1f}); always answering "
-        f"\"{majority['answer']}\" scores {100 * majority['accuracy']:.1f}%; "
-        f"gqaru at the baseline's unscaled lr: {100 * accuracy['gqaru-same-lr']:.1f}%"
-        + (
+        f"\"{majority['answer']}\" scores {100 * majority['accuracy']:.1f}%"
+    )
+    if "gqaru-same-lr" in accuracy:
+        text += f"; gqaru at the baseline's unscaled lr: {100 * accuracy['gqaru-same-lr']:.1f}%"
+    if cut := details.get("accuracy_at_end_of_turn"):
+        text += (
             f"; cut at <end_of_turn> (not lmms-eval): gqaru {100 * cut['gqaru']:.1f}% vs seed-style "
             f"{100 * cut['seed-style']:.1f}%"
-            if (cut := details.get("accuracy_at_end_of_turn"))
-            else ""
         )
-    )
+    return text
+
+
+def _detail_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The few numbers behind the P1 entries and P2, in table order."""
+    lines = []
+    for entry in results:
+        if entry["id"].startswith("P1"):
+            lines.append(_p1_line(entry))
+        elif entry["id"] == "P2":
+            lines.append(_p2_line(entry))
+    return lines
 
 
 def _p2_line(entry: dict[str, Any]) -> str:
@@ -138,11 +190,7 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{'**' + result + '**' if result == 'NOT MET' else result}{' (' + why + ')' if why else ''} |"
         )
     lines.append("")
-    by_id = {entry["id"]: entry for entry in results}
-    if "P1" in by_id:
-        lines.append(f"- {_p1_line(by_id['P1'])}")
-    if "P2" in by_id:
-        lines.append(f"- {_p2_line(by_id['P2'])}")
+    lines += [f"- {line}" for line in _detail_lines(results)]
     machine = summary["machine"]
     lines.append(
         f"- Measured {summary['finished']} on {machine['cpu']} ({machine['cores']} cores, shared), torch "
@@ -171,8 +219,8 @@ def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str,
     train_overrides = {**(QUICK_SETTINGS["train"] if quick else {}), "threads": threads}
     training, artefacts = bench_train.run(workdir / "train", **train_overrides)
     results += training
-    part_seconds["training (P1, P5)"] = time.perf_counter() - part
-    print(f"training done in {part_seconds['training (P1, P5)']:.0f} s", flush=True)
+    part_seconds["training (P1, P1-synth, P5)"] = time.perf_counter() - part
+    print(f"training done in {part_seconds['training (P1, P1-synth, P5)']:.0f} s", flush=True)
 
     part = time.perf_counter()
     eval_overrides = {**(QUICK_SETTINGS["eval"] if quick else {}), "threads": threads}
@@ -186,8 +234,7 @@ def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str,
     part_seconds["evaluation (P2)"] = time.perf_counter() - part
     print(f"evaluation done in {part_seconds['evaluation (P2)']:.0f} s", flush=True)
 
-    order = {"P1": 0, "P2": 1, "P3": 2, "P4": 3, "P5": 4}
-    results.sort(key=lambda entry: order.get(entry["id"], len(order)))
+    results.sort(key=lambda entry: ORDER.index(entry["id"]) if entry["id"] in ORDER else len(ORDER))
     summary = {
         "total_seconds": round(time.perf_counter() - started, 1),
         "part_seconds": {name: round(seconds, 1) for name, seconds in part_seconds.items()},
@@ -202,17 +249,52 @@ def run_all(workdir: Path, *, quick: bool, threads: int) -> tuple[list[dict[str,
     return results, summary
 
 
+def load_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(entries, run summary) of a results.json.
+
+    Raises:
+        ValueError: the file is not in run.py's format (an older list-only file says so).
+    """
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(report, dict) or not {"results", "run"} <= set(report):
+        raise ValueError(f"{path}: not a results file of this run.py (expected an object with results and run)")
+    return report["results"], report["run"]
+
+
+def write_readmes(results: list[dict[str, Any]], summary: dict[str, Any], readmes: tuple[Path, ...] = READMES) -> None:
+    """Write results.md's text into every README's results block."""
+    block = markdown(results, summary)
+    for readme in readmes:
+        text = readme.read_text(encoding="utf-8")
+        updated = replace_marked_block(text, RESULTS_MARKER, block, str(readme))
+        if updated != text:
+            readme.write_text(updated, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workdir", default=str(DEFAULT_WORKDIR), help="scratch dir, emptied first (default benchmarks/out)"
     )
     parser.add_argument(
-        "--results", default=str(HERE / "results.json"), help="where results.json goes (results.md beside it)"
+        "--results", default=str(DEFAULT_RESULTS), help="where results.json goes (results.md beside it)"
     )
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads of every measured process")
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code paths, numbers mean nothing")
+    parser.add_argument(
+        "--readme-only",
+        action="store_true",
+        help="measure nothing: rewrite results.md and the README tables from the --results file",
+    )
     args = parser.parse_args(argv)
+    results_path = Path(args.results)
+
+    if args.readme_only:
+        results, summary = load_results(results_path)
+        results_path.with_suffix(".md").write_text(markdown(results, summary), encoding="utf-8")
+        write_readmes(results, summary)
+        print(f"wrote {results_path.with_suffix('.md')} and the results blocks of {', '.join(map(str, READMES))}")
+        return 0
 
     workdir = Path(args.workdir)
     if workdir.exists() and any(workdir.iterdir()):
@@ -224,18 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     (workdir / WORKDIR_MARKER).write_text("scratch space of benchmarks/run.py: emptied on every run\n")
     results, summary = run_all(workdir, quick=args.quick, threads=args.threads)
 
-    results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = {"results": results, "run": summary}
+    results_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     results_path.with_suffix(".md").write_text(markdown(results, summary), encoding="utf-8")
+    readmes_written = not args.quick and results_path.resolve() == DEFAULT_RESULTS
+    if readmes_written:
+        write_readmes(results, summary)
 
     print()
     print(table(results))
-    by_id = {entry["id"]: entry for entry in results}
-    if "P1" in by_id:
-        print(_p1_line(by_id["P1"]))
-    if "P2" in by_id:
-        print(_p2_line(by_id["P2"]))
+    for line in _detail_lines(results):
+        print(line)
     missed = [entry for entry in results if entry["met"] is False]
     for entry in missed:
         print(f"NOT MET: {entry['id']} ({entry['goal']}): ratio {entry['ratio']}; {_why(entry) or 'see details'}")
@@ -243,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         f"total {summary['total_seconds']:.0f} s ({_parts(summary)}); "
         f"load average {summary['loadavg_start']} -> {summary['machine']['loadavg_1_5_15']}; "
         f"wrote {results_path} and {results_path.with_suffix('.md')}"
+        + (" and the README tables" if readmes_written else "")
     )
     return 0
 

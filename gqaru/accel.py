@@ -37,6 +37,21 @@ class LaunchConfigError(RuntimeError):
     """A launch setting cannot work as given; the message names it and the fix."""
 
 
+def pin_torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads (`runtime.torch_threads`) before any work. CPU kernels split
+    their reductions by thread count, so a pinned count gives the same bytes run after run on the
+    same machine kind, whatever OMP_NUM_THREADS or the core count say."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def describe_torch_threads(threads: int | None) -> str:
+    """The start-up log's phrase for the thread count in use and where it came from."""
+    if threads is not None:
+        return f"torch threads {torch.get_num_threads()} (pinned: runtime.torch_threads={threads})"
+    return f"torch threads {torch.get_num_threads()} (torch's default; runtime.torch_threads pins it)"
+
+
 def is_deepspeed_launch() -> bool:
     """Whether `accelerate launch` was given a DeepSpeed config (the Accelerator will use it)."""
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")

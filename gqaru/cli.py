@@ -23,10 +23,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from gqaru.standins.synth import resolve_templates, write_synthetic_gqa
+    from gqaru.standins.synth import resolve_questions_per_image, resolve_templates, write_synthetic_gqa
 
     try:
         templates = resolve_templates(args.templates)
+        questions_per_image = resolve_questions_per_image(args.questions_per_image)
     except ValueError as error:
         print(f"gqaru synth: {error}", file=sys.stderr)
         return 2
@@ -36,6 +37,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         testdev_questions=args.testdev_questions,
         seed=args.seed,
         templates=templates,
+        train_questions_per_image=questions_per_image,
     )
     for split, counts in summary.items():
         print(f"{split}: {counts['questions']} questions over {counts['images']} images")
@@ -46,13 +48,37 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from gqaru.standins.tiny import BUILD_INFO_FILE, build_tiny_model
 
-    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    if args.threads is not None:
+        print(f"torch threads {args.threads} (pinned by --threads)", flush=True)
+    if args.pretrain_target is not None and not args.pretrain_steps:
+        print("gqaru tiny-model: --pretrain-target needs --pretrain-steps", file=sys.stderr)
+        return 2
+    try:
+        out = build_tiny_model(
+            args.out,
+            preset=args.preset,
+            seed=args.seed,
+            pretrain_steps=args.pretrain_steps,
+            pretrain_target=args.pretrain_target,
+            pretrain_max_steps=args.pretrain_max_steps,
+            threads=args.threads,
+        )
+    except ValueError as error:
+        print(f"gqaru tiny-model: {error}", file=sys.stderr)
+        return 2
     print(f"wrote a tiny LLaVA ({args.preset}) to {out}")
     report = json.loads((out / BUILD_INFO_FILE).read_text(encoding="utf-8"))["pretraining"]
     if report:
         print(f"pretrained {report['steps']} steps in {report['seconds']:.0f} s; held-out word accuracy:")
         for key, value in report["held_out_word_accuracy"].items():
             print(f"  {key:22s} {value:.3f}")
+        if target := report.get("grounding_target"):
+            levels = ", ".join(f"{level:.3f}" for level in target["after_each_round"])
+            print(
+                f"grounding target {target['word_accuracy']:.3f} "
+                + ("reached" if target["reached"] else f"NOT reached within {target['max_steps']} steps (a weak base)")
+                + f": held-out grounding after each round {levels}; grounding rounds {report['grounding_rounds']} steps"
+            )
     return 0
 
 
@@ -100,6 +126,7 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
             selection=args.selection,
             samples_per_shard=args.samples_per_shard,
             image_size=args.image_size,
+            workers=args.workers,
         )
     except (SourceError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -118,12 +145,23 @@ def _cmd_shards_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gqaru.preflight import command_line
+
+    # Config and pre-flight errors before gqaru.train imports torch (main checks again: cheap).
+    checked = command_line("train", [args.config, *args.overrides])
+    if isinstance(checked, int):
+        return checked
     from gqaru.train import main as train_main
 
     return train_main([args.config, *args.overrides])
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gqaru.preflight import command_line
+
+    checked = command_line("evaluate", [args.config, *args.overrides])
+    if isinstance(checked, int):
+        return checked
     from gqaru.evaluate import main as evaluate_main
 
     return evaluate_main([args.config, *args.overrides])
@@ -141,10 +179,32 @@ def _cmd_blind_baseline(args: argparse.Namespace) -> int:
     return blind_baseline_command(args.train, args.questions, args.out)
 
 
+def _cmd_demo_verdict(args: argparse.Namespace) -> int:
+    from gqaru.demo import verdict_command
+
+    return verdict_command(args.runs, spread_file=args.spread)
+
+
+def _cmd_demo_spread(args: argparse.Namespace) -> int:
+    from gqaru.demo import spread_command
+
+    return spread_command(args.runs, out=args.out, readme=args.readme)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value
 
 
@@ -180,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which questions: a set (all: the 36-template GQA-like mix; one-hop: one object named by "
         "its colour, or the whole image) or template names separated by commas",
     )
+    synth.add_argument(
+        "--questions-per-image",
+        default="default",
+        help="questions per TRAIN image: default (9-17, like GQA's balanced train), gqa-ru-train (GQA-ru's own "
+        "train split: mean ~1.45, 91%% of images with one or two), or weights COUNT:WEIGHT,... (e.g. 1:65,2:26,3:9)",
+    )
     synth.set_defaults(handler=_cmd_synth)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny LLaVA + tokenizer + processor locally")
@@ -198,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="train the random model this many steps on grounding and reading first (gqaru/standins/pretrain.py), "
         "so that LoRA has a base to adapt; 0 keeps the random weights (default)",
+    )
+    tiny.add_argument(
+        "--pretrain-target",
+        type=_fraction,
+        default=None,
+        help="the held-out grounding word accuracy to reach before the reading phase: below it, grounding goes on "
+        "in rounds of a quarter of --pretrain-steps up to --pretrain-max-steps (default: none, the planned steps only)",
+    )
+    tiny.add_argument(
+        "--pretrain-max-steps",
+        type=_positive_int,
+        default=None,
+        help="the step ceiling of --pretrain-target (default twice --pretrain-steps)",
+    )
+    tiny.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="pin torch's threads: the pretrained weights depend on the count (CPU kernels split sums by it), "
+        "so a pinned count gives the same bytes on the same machine kind; default: torch's own (one per core)",
     )
     tiny.set_defaults(handler=_cmd_tiny_model)
 
@@ -244,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--image-size", type=_positive_int, default=None, help="resize the shorter side to PX (default: keep)"
     )
+    build.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="processes that check/re-encode images; 1: in this process (default: usable cores, at most 4); "
+        "the shards are the same bytes for any N",
+    )
     build.set_defaults(handler=_cmd_shards_build)
     inspect = shard_commands.add_parser("inspect", help="summarise a shard dir and verify its checksums")
     inspect.add_argument("dir")
@@ -253,15 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train in one process (multi-process: accelerate launch -m gqaru.train)"
     )
-    train.add_argument("config")
-    train.add_argument("overrides", nargs="*")
+    train.add_argument("config", help="a YAML config, e.g. configs/demo_train.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides; `python -m gqaru.train --help` lists the keys")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate in one process (multi-process: accelerate launch -m gqaru.evaluate)"
     )
-    evaluate.add_argument("config")
-    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("config", help="a YAML config, e.g. configs/demo_eval.yaml")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides; `python -m gqaru.evaluate --help` lists the keys")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     score = commands.add_parser("score", help="metrics from a predictions file; --against for a paired test")
@@ -280,6 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     blind.add_argument("--out", required=True, help="predictions.jsonl to write")
     blind.set_defaults(handler=_cmd_blind_baseline)
+
+    demo = commands.add_parser("demo", help="the offline demo's figures: one run's verdict, the spread over seeds")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    demo_verdict = demo_commands.add_parser(
+        "verdict", help="trained vs untrained vs blind with intervals, and whether inside the README's range"
+    )
+    demo_verdict.add_argument("runs", help="the demo's run directory (DEMO_RUNS of `make demo`, default runs)")
+    demo_verdict.add_argument("--spread", default=None, help="the spread record (default benchmarks/demo_spread.json)")
+    demo_verdict.set_defaults(handler=_cmd_demo_verdict)
+    demo_spread = demo_commands.add_parser(
+        "spread", help="the figures of several demo runs (one per seed), their mean and range"
+    )
+    demo_spread.add_argument("runs", nargs="+", help="demo run directories, one per seed")
+    demo_spread.add_argument("--out", default=None, help="where the record goes (default benchmarks/demo_spread.json)")
+    demo_spread.add_argument("--readme", default=None, help="regenerate the table between the markers of this file")
+    demo_spread.set_defaults(handler=_cmd_demo_spread)
     return parser
 
 

@@ -16,9 +16,10 @@ Right padding for training; left padding for generation.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -195,6 +196,42 @@ class SequencePlanner:
         for sample in samples:
             for questions, tokens in self.plan(sample["meta"]["qa"], drops):
                 yield TrainingSequence(sample["key"], sample["image"], questions, tokens)
+
+
+def group_by_length(
+    items: Iterable[Any], length: Callable[[Any], int], batch_size: int, buffer_batches: int, seed: str | int
+) -> Iterator[Any]:
+    """The same items, reordered so that each run of `batch_size` holds items of similar length.
+
+    Less padding when batches are cut from the stream in order. A bounded buffer of
+    `buffer_batches * batch_size` items is sorted by length (stable), cut into batches of
+    `batch_size`, and the batches are yielded in an order shuffled by `random.Random(seed)` (one
+    generator for the whole stream). Only the last buffer can hold a short batch; it comes last,
+    so a consumer taking `batch_size` at a time cuts exactly these batches. Nothing is dropped or
+    added, and the order is a pure function of the input order and the seed: the step plan's
+    counts and an exact resume (re-read the stream, skip what was trained) both still hold.
+    """
+    if batch_size < 1 or buffer_batches < 1:
+        raise ValueError(f"group_by_length: batch_size {batch_size} and buffer_batches {buffer_batches} must be >= 1")
+    rng = random.Random(seed)
+    capacity = batch_size * buffer_batches
+    buffer: list[Any] = []
+
+    def flush() -> Iterator[Any]:
+        ordered = sorted(buffer, key=length)
+        batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+        short = [batches.pop()] if len(batches[-1]) < batch_size else []
+        rng.shuffle(batches)
+        for batch in batches + short:
+            yield from batch
+        buffer.clear()
+
+    for item in items:
+        buffer.append(item)
+        if len(buffer) == capacity:
+            yield from flush()
+    if buffer:
+        yield from flush()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ None) and validated like the file, so a typo on the command line fails as loudly
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,8 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Forbid unknown keys; validate assignments too, so code cannot smuggle in a bad value later.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # The docstring under each field is its description: `--help` is generated from it (gqaru.preflight).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
@@ -46,8 +46,11 @@ class ModelConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0)
+    """LoRA rank: the width of each low-rank update."""
     alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input during training."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Projection names inside the attention blocks of the modules in `scope`."""
     scope: Literal["language", "all"] = "language"
@@ -67,27 +70,41 @@ class DataConfig(_Section):
     """Images held in the shuffle buffer of the training stream (0 = shard shuffle only)."""
     image_size: int | None = Field(None, gt=0)
     """Side the vision tower sees; None takes the processor's. Checked against the model at start."""
+    length_grouping_batches: int = Field(0, ge=0)
+    """0 = off. N: each run of N x train.batch_size planned sequences is sorted by length, cut into
+    batches and the batches shuffled (seeded), so a batch holds sequences of similar length: less
+    padding when batch_size > 1 and lengths vary (`gqaru.collate.group_by_length`)."""
 
 
 class TrainConfig(_Section):
     epochs: float = Field(1, gt=0)
+    """Passes over the training shards (fractions allowed); `max_steps` overrides it."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run; overrides `epochs` when set."""
     batch_size: int = Field(1, gt=0)
     """Sequences per process per micro-step."""
     grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes)."""
     lr: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on the trainable parameters."""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after the warm-up."""
     warmup_ratio: float = Field(0.03, ge=0, le=1)
+    """Fraction of the total steps spent warming the learning rate up from 0."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this (None = no clipping)."""
     max_seq_len: int = Field(512, gt=0)
     """Bound on the TEXT tokens of a sequence; image tokens come on top and are never cut."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less activation memory, more compute."""
     seed: int = 42
+    """Seed of the LoRA initialisation, the data order and dropout."""
     save_every: int | None = Field(200, gt=0)
     """Checkpoint every N optimizer steps (None = only at the end)."""
     keep_last: int = Field(2, gt=0)
+    """Checkpoints kept (older ones are deleted)."""
     resume: str = "none"
     """none | latest | a checkpoint dir."""
 
@@ -98,12 +115,14 @@ class TrainConfig(_Section):
             raise ValueError("must be none, latest or a checkpoint dir")
         return value
     log_every: int = Field(10, gt=0)
+    """Optimizer steps between metrics lines (metrics.jsonl, tensorboard, the progress bar)."""
     save_merged: bool = True
     """Also write merged/ (base + LoRA folded in) at the end."""
 
 
 class EvalConfig(_Section):
     shards: str = "shards/gqa-ru-testdev"
+    """Evaluation shards dir (from `gqaru shards build --split testdev`)."""
     selection: Literal["seeded", "seed-report"] = "seeded"
     """seeded: `max_samples` questions drawn with `seed` (or all); seed-report: the seed report's 300
     testdev rows exactly (`gqaru.sources.seed_report_rows`; needs shards of the whole split)."""
@@ -117,9 +136,11 @@ class EvalConfig(_Section):
             return value
         raise ValueError("must be a positive integer or 'all'")
     seed: int = 42
+    """Seed of the question selection (the same rule and seed as shard building)."""
     batch_size: int = Field(16, gt=0)
     """Questions generated together (questions of one image share its encoding)."""
     max_new_tokens: int = Field(16, gt=0)
+    """Most tokens generated per answer (greedy; lmms-eval's gqa_ru uses 16)."""
     reuse_image_prefix: bool = True
     """Run each image's prefix (its vision features and KV cache) once for all its questions;
     off: plain batched generate with pixel_values per question (same answers, slower)."""
@@ -139,7 +160,9 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "runs"
+    """Where runs land: everything of a run goes to dir/run_name/."""
     run_name: str = "run"
+    """The run's directory name under `dir` (a plain name, no '/')."""
 
     @field_validator("run_name")
     @classmethod
@@ -147,6 +170,12 @@ class OutputConfig(_Section):
         if not value or "/" in value or value in {".", ".."}:
             raise ValueError("run_name must be a plain directory name (no '/')")
         return value
+
+
+class RuntimeConfig(_Section):
+    torch_threads: int | None = Field(None, gt=0)
+    """Torch intra-op threads of every process (None: torch's own choice, one per core). Pinned,
+    CPU runs give the same bytes on the same machine kind whatever the environment (`make demo`)."""
 
 
 class Config(_Section):
@@ -158,6 +187,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def run_dir(self) -> Path:
         """Where everything of this run lands: output.dir/run_name."""
@@ -273,35 +303,33 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(_describe(error, origins, origin)) from None
 
 
-def config_from_command_line(argv: list[str], usage: str) -> Config | int:
-    """`CONFIG.yaml [key=value ...]` of a stage's `main`: the config, or an exit code after
-    printing the usage (-h) or the error."""
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(usage)
-        return 0 if argv else 2
-    try:
-        return load_config(argv[0], argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train": ("model", "lora", "data", "train", "output", "runtime"),
+    "evaluate": ("model", "eval", "output", "runtime"),
+}
+"""The sections each stage reads: its `--help` lists them and its run dir's config.yaml holds them."""
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain data; keys a named evaluation selection does not use are left out."""
+def to_dict(config: Config, stage: str | None = None) -> dict[str, Any]:
+    """The config as plain data: every section, or only those `stage` reads (STAGE_SECTIONS); keys a
+    named evaluation selection does not use are left out."""
     tree = config.model_dump(mode="json")
-    if config.eval.selection == "seed-report":
+    if stage is not None:
+        tree = {section: tree[section] for section in STAGE_SECTIONS[stage]}
+    if config.eval.selection == "seed-report" and "eval" in tree:
         for unused in ("max_samples", "seed"):
             tree["eval"].pop(unused)
     return tree
 
 
-def to_yaml(config: Config) -> str:
-    """The resolved config as YAML; `load_config` of it gives the same config back."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+def to_yaml(config: Config, stage: str | None = None) -> str:
+    """The resolved config as YAML (only `stage`'s sections when given); `load_config` of it gives
+    the same config back (the sections left out come back as their defaults)."""
+    return yaml.safe_dump(to_dict(config, stage), sort_keys=False, allow_unicode=True)
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(config), encoding="utf-8")
+def save_config(config: Config, path: str | Path, stage: str | None = None) -> None:
+    Path(path).write_text(to_yaml(config, stage), encoding="utf-8")
 
 
 def steps_per_epoch(sequences_per_process: int, batch_size: int, grad_accum: int) -> int:

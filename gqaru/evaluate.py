@@ -47,6 +47,13 @@ would give), scored as a second, labelled figure.
 
 from __future__ import annotations
 
+# `python -m gqaru.evaluate`: --help, config errors and pre-flight failures (gqaru.preflight) are answered
+# here, in a fraction of a second, before the imports below load torch, transformers and accelerate.
+if __name__ == "__main__":
+    from gqaru.preflight import exit_unless_ready
+
+    exit_unless_ready("evaluate")
+
 import logging
 import sys
 import time
@@ -60,11 +67,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase, ProcessorMixin
 
-from gqaru import accel, modeling
+from gqaru import accel, modeling, preflight
 from gqaru.collate import GenerationCollator, TrainingCollator, generation_prompt_ids
-from gqaru.config import Config, config_from_command_line, save_config
+from gqaru.config import Config, save_config
 from gqaru.metrics import compute_metrics, exact_match, write_json, write_predictions
 from gqaru.prompts import ChatFormatError, tokenizer_habits
 from gqaru.report import error_analysis, write_report
@@ -468,15 +476,15 @@ def evaluate(
     started = time.perf_counter()
     selected = select_questions(config)
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
 
     processor = modeling.load_processor(
         config.model.name_or_path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
     )
     tokenizer_habits(processor.tokenizer)  # a chat format gqaru cannot read: stop before loading weights
     model = modeling.load_for_inference(config.model, accelerator.device)
+    if accelerator.is_main_process:  # only once the model is loaded: a run that cannot start leaves nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE, stage="evaluate")  # evaluation's sections only
     if reuse_image_prefix is None:
         reuse_image_prefix = config.eval.reuse_image_prefix
     answerer = Answerer(
@@ -485,7 +493,7 @@ def evaluate(
     if accelerator.is_main_process:
         logger.info(
             "evaluating %s%s on %d questions of %s (%s): %d process(es), batch %d, "
-            "%d image tokens per image, image-prefix KV reuse %s",
+            "%d image tokens per image, image-prefix KV reuse %s; %s",
             config.model.name_or_path,
             f" + adapter {config.model.adapter}" if config.model.adapter else "",
             len(selected),
@@ -495,6 +503,7 @@ def evaluate(
             config.eval.batch_size,
             answerer.image_tokens,
             "on" if answerer.reuse_image_prefix else "off",
+            accel.describe_torch_threads(config.runtime.torch_threads),
         )
 
     samples = iter_eval_samples(config.eval.shards, question_ids=selected, rank=rank, world_size=world_size)
@@ -506,7 +515,8 @@ def evaluate(
         dynamic_ncols=True,
     )
     generation_started = time.perf_counter()
-    local_records = predict(answerer, samples, config.eval.batch_size, progress)
+    with logging_redirect_tqdm():  # warnings while generating go above the bar, not into its line
+        local_records = predict(answerer, samples, config.eval.batch_size, progress)
     progress.close()
     local_seconds = time.perf_counter() - generation_started
 
@@ -567,9 +577,10 @@ def summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_command_line(sys.argv[1:] if argv is None else argv, __doc__)
+    config = preflight.command_line("evaluate", sys.argv[1:] if argv is None else argv)
     if isinstance(config, int):
         return config
+    accel.pin_torch_threads(config.runtime.torch_threads)
     accelerator = None
     try:
         accelerator = accel.make_accelerator()

@@ -1,4 +1,5 @@
-"""Writing a directory so that a reader sees the old one or the new one, never half of either."""
+"""Writing files: a directory that a reader sees old or new, never half of either; a generated block
+inside a hand-written document."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def replace_marked_block(text: str, marker: str, block: str, source: str = "the text") -> str:
+    """`text` with what lies between `<!-- marker -->` and `<!-- /marker -->` replaced by `block`: how
+    a README holds figures generated from a results file (the tests compare the two).
+
+    Raises:
+        ValueError: not exactly one such block (`source` names the file).
+    """
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{source}: expected one {start} ... {end} block to write the figures into")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{block}{end}{tail}"

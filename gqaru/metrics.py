@@ -229,12 +229,14 @@ def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     yes_no: dict[str, list[bool]] = defaultdict(list)
     structural: dict[str, list[bool]] = defaultdict(list)
     semantic: dict[str, list[bool]] = defaultdict(list)
+    detailed: dict[str, list[bool]] = defaultdict(list)
     binary_open: dict[str, list[bool]] = defaultdict(list)
     for record, correct in zip(records, strict):
         yes_no["yes/no" if is_yes_no(record["answer"]) else "other"].append(correct)
         structural_type = _type_name(record, "structural")
         structural[structural_type].append(correct)
         semantic[_type_name(record, "semantic")].append(correct)
+        detailed[_type_name(record, "detailed")].append(correct)
         if structural_type == UNKNOWN_TYPE:
             binary_open[UNKNOWN_TYPE].append(correct)
         else:
@@ -248,6 +250,7 @@ def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "binary_open": _groups(binary_open),
         "structural": _groups(structural),
         "semantic": _groups(semantic),
+        "detailed": _groups(detailed),  # GQA's fine-grained type (types.detailed)
         "lemma_match": {
             "label": LEMMA_LABEL,
             "rule": LEMMA_RULE,

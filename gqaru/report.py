@@ -4,9 +4,10 @@
     paths["html"], paths["markdown"], paths["chart"]
 
 What it shows, headline first: the lmms-eval-rule accuracy with its interval; accuracy per answer
-kind, binary/open, structural and semantic type (tables and a bar chart); the most frequent
-gold → prediction confusions; yes/no inversions (да ↔ нет); near-misses that only the lemma match
-accepts; and a gallery of wrong answers with image thumbnails.
+kind, binary/open, structural, semantic and GQA detailed type (tables and a bar chart; detailed
+types most frequent first); the most frequent gold → prediction confusions; yes/no inversions
+(да ↔ нет); near-misses that only the lemma match accepts; and a gallery of wrong answers with
+image thumbnails, spread over question types and images (seeded: the same run gives the same cards).
 
 report.html needs nothing beside it: CSS is inline, the chart and thumbnails are base64 data
 URIs, there is no script. Every string that comes from the dataset or the model (questions,
@@ -20,6 +21,7 @@ import base64
 import html
 import io
 import os
+import random
 import re
 import uuid
 from collections import Counter, defaultdict
@@ -40,6 +42,11 @@ REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 CHART_NAME = "accuracy_by_type.png"
 GALLERY_SIZE = 24
+GALLERY_SEED = 0
+"""Seed of the gallery's draw: a fixed default, so evaluation (which fetches the images) and the
+report pick the same cards."""
+DETAILED_CHART_TYPES = 30
+"""Detailed types drawn in the chart (the most frequent); the table lists them all."""
 THUMBNAIL_PX = 160
 TOP_CONFUSIONS = 15
 EXAMPLES_PER_LIST = 8
@@ -50,6 +57,7 @@ _SECTIONS = (
     ("structural", "Structural type"),
     ("semantic", "Semantic type"),
 )
+_DETAILED_TITLE = "Detailed type (GQA types.detailed, most frequent first)"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -81,23 +89,38 @@ def _example(record: Mapping[str, Any]) -> dict[str, str]:
         "answer": str(record["answer"]),
         "prediction": str(record["prediction"]),
         "structural": str(types.get("structural", "") or ""),
+        "detailed": str(types.get("detailed", "") or ""),
     }
 
 
-def _gallery_selection(errors: Sequence[Mapping[str, Any]], limit: int) -> list[Mapping[str, Any]]:
-    """Up to `limit` errors, taken in turn from each structural type (ids ascending within a type),
-    so one frequent type does not fill the gallery. Deterministic."""
-    by_type: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+def _gallery_selection(errors: Sequence[Mapping[str, Any]], limit: int, seed: int) -> list[Mapping[str, Any]]:
+    """Up to `limit` errors that span the run: structural types take turns (one frequent type does
+    not fill the gallery) and each turn picks the error whose image, then whose detailed type, has
+    been shown least so far, ties broken in a seeded random order. Picking by id instead showed the
+    first ids, which in GQA are the same few images. Deterministic for a seed."""
+    rng = random.Random(seed)
+    by_type: dict[str, list[dict[str, str]]] = defaultdict(list)
     for record in sorted(errors, key=lambda item: str(item.get("id", ""))):
-        by_type[_example(record)["structural"]].append(record)
+        example = _example(record)
+        by_type[example["structural"]].append(example)
     queues = [by_type[name] for name in sorted(by_type)]
-    chosen: list[Mapping[str, Any]] = []
-    position = 0
-    while len(chosen) < limit and any(position < len(queue) for queue in queues):
+    for queue in queues:
+        rng.shuffle(queue)
+    images_shown: Counter[str] = Counter()
+    detailed_shown: Counter[str] = Counter()
+    chosen: list[dict[str, str]] = []
+    while len(chosen) < limit and any(queues):
         for queue in queues:
-            if position < len(queue) and len(chosen) < limit:
-                chosen.append(queue[position])
-        position += 1
+            if not queue or len(chosen) >= limit:
+                continue
+            best = min(
+                range(len(queue)),
+                key=lambda index: (images_shown[queue[index]["imageId"]], detailed_shown[queue[index]["detailed"]], index),
+            )
+            example = queue.pop(best)
+            images_shown[example["imageId"]] += 1
+            detailed_shown[example["detailed"]] += 1
+            chosen.append(example)
     return chosen
 
 
@@ -107,13 +130,15 @@ def error_analysis(
     top_confusions: int = TOP_CONFUSIONS,
     examples_per_list: int = EXAMPLES_PER_LIST,
     gallery_size: int = GALLERY_SIZE,
+    seed: int = GALLERY_SEED,
 ) -> dict[str, Any]:
     """The error lists of the report, JSON-ready. Correctness is the headline rule, recomputed.
 
     - confusions: the most frequent (gold, prediction) pairs among errors, both normalised;
     - yes_no_inversions: gold да answered нет, and gold нет answered да (counts and examples);
     - near_misses: errors the lemma match accepts (an inflection away from the gold answer);
-    - gallery: up to `gallery_size` errors for the picture gallery.
+    - gallery: up to `gallery_size` errors for the picture gallery, spread over types and images
+      (`seed` fixes the draw).
     """
     errors = [record for record in records if not exact_match(record["prediction"], record["answer"])]
     confusion_counts = Counter(
@@ -146,7 +171,7 @@ def error_analysis(
         "yes_no_questions": yes_no_questions,
         "yes_no_inversions": inversions,
         "near_misses": {"count": len(near), "examples": [_example(record) for record in near[:examples_per_list]]},
-        "gallery": [_example(record) for record in _gallery_selection(errors, gallery_size)],
+        "gallery": _gallery_selection(errors, gallery_size, seed),
     }
 
 
@@ -154,32 +179,51 @@ def error_analysis(
 # Images
 
 
+def detailed_groups(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Accuracy per GQA detailed type, the most frequent type first (ties by name)."""
+    groups = metrics.get("detailed") or {}
+    return {name: groups[name] for name in sorted(groups, key=lambda name: (-groups[name]["n"], name))}
+
+
+def _bars(axes: Any, groups: Mapping[str, Mapping[str, Any]], title: str, headline: float) -> None:
+    """Horizontal accuracy bars with the 95% intervals as error bars, the overall accuracy dashed."""
+    names = list(groups)
+    accuracies = [100 * groups[name]["accuracy"] for name in names]
+    lower = [max(0.0, 100 * (groups[name]["accuracy"] - groups[name]["interval"][0])) for name in names]
+    upper = [max(0.0, 100 * (groups[name]["interval"][1] - groups[name]["accuracy"])) for name in names]
+    positions = list(range(len(names)))
+    axes.barh(positions, accuracies, xerr=[lower, upper], color="#4c78a8", ecolor="#333", capsize=3)
+    axes.set_yticks(positions, [f"{name} (n={groups[name]['n']})" for name in names])
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("accuracy, % (95% Wilson interval)")
+    axes.set_title(title)
+    axes.axvline(headline, color="#e45756", linestyle="--", linewidth=1)
+
+
 def _chart_png(metrics: Mapping[str, Any]) -> bytes:
-    """Accuracy per structural and per semantic type, with the 95% intervals as error bars."""
+    """Accuracy per structural and per semantic type side by side, and below them per detailed type
+    (the DETAILED_CHART_TYPES most frequent), with the 95% intervals as error bars."""
     # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [("structural", "Structural type"), ("semantic", "Semantic type")]
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    headline = 100 * metrics["headline"]["accuracy"]
+    detailed = detailed_groups(metrics)
+    shown = dict(list(detailed.items())[:DETAILED_CHART_TYPES])
+    detailed_height = max(2.0, 0.28 * len(shown) + 1.0)
+    figure = Figure(figsize=(10, 4 + detailed_height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes_list = figure.subplots(1, len(panels), sharex=True)
-    for axes, (section, title) in zip(axes_list, panels):
-        groups = metrics.get(section) or {}
-        names = list(groups)
-        accuracies = [100 * groups[name]["accuracy"] for name in names]
-        lower = [max(0.0, 100 * (groups[name]["accuracy"] - groups[name]["interval"][0])) for name in names]
-        upper = [max(0.0, 100 * (groups[name]["interval"][1] - groups[name]["accuracy"])) for name in names]
-        positions = list(range(len(names)))
-        axes.barh(positions, accuracies, xerr=[lower, upper], color="#4c78a8", ecolor="#333", capsize=3)
-        axes.set_yticks(positions, [f"{name} (n={groups[name]['n']})" for name in names])
-        axes.invert_yaxis()
-        axes.set_xlim(0, 100)
-        axes.set_xlabel("accuracy, % (95% Wilson interval)")
-        axes.set_title(title)
-        headline = 100 * metrics["headline"]["accuracy"]
-        axes.axvline(headline, color="#e45756", linestyle="--", linewidth=1)
-    figure.suptitle(f"{HEADLINE_LABEL}: overall {100 * metrics['headline']['accuracy']:.1f}% (dashed)")
+    panels = figure.subplot_mosaic(
+        [["structural", "semantic"], ["detailed", "detailed"]], height_ratios=[4, detailed_height]
+    )
+    _bars(panels["structural"], metrics.get("structural") or {}, "Structural type", headline)
+    _bars(panels["semantic"], metrics.get("semantic") or {}, "Semantic type", headline)
+    title = "Detailed type (GQA types.detailed)"
+    if len(shown) < len(detailed):
+        title += f": the {len(shown)} most frequent of {len(detailed)}"
+    _bars(panels["detailed"], shown, title, headline)
+    figure.suptitle(f"{HEADLINE_LABEL}: overall {headline:.1f}% (dashed)")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -256,6 +300,9 @@ def _markdown(metrics: Mapping[str, Any], analysis: Mapping[str, Any], title: st
             lines.append(
                 f"| {_md(name)} | {group['n']} | {group['correct']} | {_percent(group['accuracy'])} | {_interval(group)} |"
             )
+    lines += ["", f"### {_md(_DETAILED_TITLE)}", "", "| group | n | correct | accuracy | 95% CI |", "|---|---:|---:|---:|---:|"]
+    for name, group in detailed_groups(metrics).items():
+        lines.append(f"| {_md(name)} | {group['n']} | {group['correct']} | {_percent(group['accuracy'])} | {_interval(group)} |")
     lines += ["", f"![accuracy by type]({CHART_NAME})", "", "## Most frequent confusions (gold → prediction)", ""]
     if analysis["confusions"]:
         lines += ["| gold | prediction | count |", "|---|---|---:|"]
@@ -283,13 +330,18 @@ def _markdown(metrics: Mapping[str, Any], analysis: Mapping[str, Any], title: st
 
 
 def _markdown_examples(examples: Sequence[Mapping[str, str]]) -> list[str]:
-    rows = ["| id | type | question | gold | prediction |", "|---|---|---|---|---|"]
+    rows = ["| id | image | type | question | gold | prediction |", "|---|---|---|---|---|---|"]
     for example in examples:
         rows.append(
-            f"| {_md(example['id'])} | {_md(example['structural'])} | {_md(example['question'])} | "
-            f"{_md(example['answer'])} | {_md(example['prediction'])} |"
+            f"| {_md(example['id'])} | {_md(example['imageId'])} | {_md(_type_label(example))} | "
+            f"{_md(example['question'])} | {_md(example['answer'])} | {_md(example['prediction'])} |"
         )
     return rows
+
+
+def _type_label(example: Mapping[str, str]) -> str:
+    """`structural / detailed` (the detailed type left out when the record has none)."""
+    return " / ".join(part for part in (example["structural"], example["detailed"]) if part)
 
 
 def _html_group_table(groups: Mapping[str, Mapping[str, Any]]) -> str:
@@ -303,11 +355,14 @@ def _html_group_table(groups: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _html_examples(examples: Sequence[Mapping[str, str]]) -> str:
     rows = "".join(
-        f"<tr><td>{_h(e['id'])}</td><td>{_h(e['structural'])}</td><td>{_h(e['question'])}</td>"
+        f"<tr><td>{_h(e['id'])}</td><td>{_h(e['imageId'])}</td><td>{_h(_type_label(e))}</td><td>{_h(e['question'])}</td>"
         f"<td class=gold>{_h(e['answer'])}</td><td class=pred>{_h(e['prediction'])}</td></tr>"
         for e in examples
     )
-    return f"<table><tr><th>id</th><th>type</th><th>question</th><th>gold</th><th>prediction</th></tr>{rows}</table>"
+    return (
+        "<table><tr><th>id</th><th>image</th><th>type</th><th>question</th><th>gold</th><th>prediction</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def _html(
@@ -345,8 +400,9 @@ def _html(
     ]
     for section, section_title in _SECTIONS:
         parts += [f"<h3>{_h(section_title)}</h3>", _html_group_table(metrics.get(section, {}))]
+    parts += [f"<h3>{_h(_DETAILED_TITLE)}</h3>", _html_group_table(detailed_groups(metrics))]
     parts.append(
-        f'<p><img alt="accuracy by structural and semantic type" src="{_data_uri(chart_png, "image/png")}" '
+        f'<p><img alt="accuracy by structural, semantic and detailed type" src="{_data_uri(chart_png, "image/png")}" '
         'style="max-width:100%"></p>'
     )
 
@@ -392,7 +448,8 @@ def _html(
                 f'<div class="card">{picture}<div>{_h(example["question"])}</div>'
                 f'<div>gold: <b class="gold">{_h(example["answer"])}</b></div>'
                 f'<div>predicted: <b class="pred">{_h(example["prediction"])}</b></div>'
-                f'<div class="note">{_h(example["structural"])} · id {_h(example["id"])}</div></div>'
+                f'<div class="note">{_h(_type_label(example))} · image {_h(example["imageId"])} · id {_h(example["id"])}'
+                "</div></div>"
             )
         parts.append(f'<div class="gallery">{"".join(cards)}</div>')
     else:
@@ -419,6 +476,7 @@ def write_report(
     images: Mapping[str, Image.Image] | None = None,
     *,
     title: str = "GQA-ru evaluation report",
+    seed: int = GALLERY_SEED,
 ) -> dict[str, Path]:
     """Write report.md, report.html and accuracy_by_type.png into `run_dir`.
 
@@ -428,7 +486,7 @@ def write_report(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    analysis = error_analysis(records)
+    analysis = error_analysis(records, seed=seed)
 
     thumbnails: dict[str, bytes] = {}
     for example in analysis["gallery"]:

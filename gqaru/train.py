@@ -25,6 +25,13 @@ missing or inconsistent shards; accel.LaunchConfigError for a launch config's mi
 
 from __future__ import annotations
 
+# `python -m gqaru.train`: --help, config errors and pre-flight failures (gqaru.preflight) are answered
+# here, in a fraction of a second, before the imports below load torch, transformers and accelerate.
+if __name__ == "__main__":
+    from gqaru.preflight import exit_unless_ready
+
+    exit_unless_ready("train")
+
 import json
 import logging
 import math
@@ -44,11 +51,12 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler
 
-from gqaru import accel, modeling, prompts
-from gqaru.collate import DropCounter, EncodedSequence, SequencePlanner, TrainingCollator
-from gqaru.config import Config, ConfigError, config_from_command_line, save_config
+from gqaru import accel, modeling, preflight, prompts
+from gqaru.collate import DropCounter, EncodedSequence, SequencePlanner, TrainingCollator, group_by_length
+from gqaru.config import Config, ConfigError, save_config
 from gqaru.shards import rank_sample_metas, training_pipeline
 
 logger = logging.getLogger("gqaru.train")
@@ -74,6 +82,8 @@ class TrainerState:
     questions: int = 0
     """Questions trained so far (this rank counts its own; summaries add the ranks)."""
     tokens: int = 0
+    """Tokens the model read in trained batches so far, text and image tokens (padding and the
+    zero-weight batches that keep ranks in step excluded); this rank's, like `questions`."""
     elapsed: float = 0.0
 
 
@@ -90,14 +100,30 @@ class DataPlan:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-class _EncodedStream(IterableDataset):
-    """Shard samples -> planned sequences -> encoded sequences (runs in DataLoader workers)."""
+def _sequence_length(sequence: Any) -> int:
+    """Length to group by: the text tokens and the one `<image>` slot (every sequence has one image)."""
+    return len(sequence.tokens.input_ids)
 
-    def __init__(self, pipeline: Any, planner: SequencePlanner, collator: TrainingCollator):
+
+class _EncodedStream(IterableDataset):
+    """Shard samples -> planned sequences (grouped by length if asked) -> encoded sequences
+    (runs in DataLoader workers)."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        planner: SequencePlanner,
+        collator: TrainingCollator,
+        length_grouping: dict[str, Any] | None = None,
+    ):
         self.pipeline, self.planner, self.collator = pipeline, planner, collator
+        self.length_grouping = length_grouping
 
     def __iter__(self) -> Iterator[EncodedSequence]:
-        for sequence in self.planner.sequences(self.pipeline):
+        sequences = self.planner.sequences(self.pipeline)
+        if self.length_grouping:
+            sequences = group_by_length(sequences, _sequence_length, **self.length_grouping)
+        for sequence in sequences:
             yield self.collator.encode(sequence)
 
 
@@ -137,7 +163,8 @@ def make_accelerator(config: Config) -> Accelerator:
     accelerator = accel.make_accelerator(
         gradient_accumulation_steps=config.train.grad_accum,
         log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        # The tracker writes into logging_dir/<its project name>: init_trackers("tensorboard") -> run_dir/tensorboard/.
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         **kwargs,
     )
     if accelerator.device.type != device_type:
@@ -163,6 +190,22 @@ def precision_mode(accelerator: Accelerator) -> str:
             return "DeepSpeed bf16 (fp32 master weights in the optimizer)"
         return "DeepSpeed fp32"
     return "none" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} autocast"
+
+
+def describe_backend(accelerator: Accelerator) -> str:
+    """The launch in words for the start-up summary ("single process", "DDP (gloo), 2 processes",
+    "DeepSpeed ZeRO-2, 2 processes"), not accelerate's enum names."""
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes != 1 else ''}"
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", "?")
+        return f"DeepSpeed ZeRO-{stage}, {processes}"
+    if kind == DistributedType.NO:
+        return "single process"
+    if kind.value.startswith("MULTI_"):  # MULTI_GPU, MULTI_CPU, MULTI_XPU, ...: DDP
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "not initialised"
+        return f"DDP ({backend}), {processes}"
+    return f"{kind.value.replace('_', ' ')}, {processes}"  # FSDP, XLA, ...: accelerate's name
 
 
 def _fill_deepspeed_sizes(accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -278,7 +321,7 @@ class TrainingRun:
         set_seed(config.train.seed + self.rank)  # dropout differs per rank, reproducibly
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, self.run_dir / "config.yaml", stage="train")  # training's sections only
         accelerator.init_trackers("tensorboard", config={"lr": config.train.lr, "lora_r": config.lora.r})
         self._resume()
         self._log_startup()
@@ -300,8 +343,9 @@ class TrainingRun:
             "\n".join(
                 [
                     f"gqaru train: {config.model.name_or_path} -> {self.run_dir}",
-                    f"  device {accelerator.device} x {self.world_size} process(es), {accelerator.distributed_type.value}, "
+                    f"  device {accelerator.device}, {describe_backend(accelerator)}, "
                     f"mixed precision {self.precision['mixed_precision']}, quantization {config.model.quantization}",
+                    f"  {accel.describe_torch_threads(config.runtime.torch_threads)}",
                     f"  parameters as prepared: {modeling.describe_parameters(self.precision['parameters'])}",
                     f"  trainable parameters {self.trainable:,} of {self.total_parameters:,} "
                     f"({100 * self.trainable / max(self.total_parameters, 1):.3f}%)",
@@ -336,8 +380,16 @@ class TrainingRun:
             epoch=epoch,
             shuffle_buffer=config.data.shuffle_buffer,
         )
+        length_grouping = None
+        if config.data.length_grouping_batches:
+            # Seeded per epoch and rank: a resumed run re-reads the epoch in the same order.
+            length_grouping = {
+                "batch_size": config.train.batch_size,
+                "buffer_batches": config.data.length_grouping_batches,
+                "seed": f"length-grouping:{config.train.seed}:{epoch}:{self.rank}",
+            }
         loader = DataLoader(
-            _EncodedStream(pipeline, self.planner, self.collator),
+            _EncodedStream(pipeline, self.planner, self.collator, length_grouping),
             batch_size=config.train.batch_size,
             num_workers=config.data.num_workers,
             collate_fn=self.collator.pad,
@@ -426,6 +478,7 @@ class TrainingRun:
                     stats[key] += batch[key]
                 self.trained_ids += [(self.state.epoch, question_id) for question_id in batch["question_ids"]]
                 self.state.questions += batch["questions"]
+                self.state.tokens += batch["text_tokens"] + batch["image_tokens"]
         self.scheduler.step()
         return loss_total, stats
 
@@ -585,6 +638,7 @@ class TrainingRun:
         unwrapped = accelerator.unwrap_model(self.model)
         trained_ids = gather_object(self.trained_ids)
         questions = int(accelerator.reduce(torch.tensor(self.state.questions, device=accelerator.device), "sum"))
+        tokens = int(accelerator.reduce(torch.tensor(self.state.tokens, device=accelerator.device), "sum"))
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             adapter_dir = modeling.save_adapter(unwrapped, self.run_dir / "adapter", state_dict=state_dict)
@@ -600,6 +654,7 @@ class TrainingRun:
                 "steps": self.state.step,
                 "epochs": self.state.epoch + self.state.micro_in_epoch / self.plan.micro_batches_per_epoch,
                 "questions_trained": questions,
+                "tokens_trained": tokens,
                 "questions_per_epoch": self.plan.questions_per_epoch,
                 "dropped": self.plan.dropped,
                 "seconds": round(self.state.elapsed, 1),
@@ -650,13 +705,15 @@ def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_command_line(sys.argv[1:] if argv is None else argv, __doc__)
+    config = preflight.command_line("train", sys.argv[1:] if argv is None else argv)
     if isinstance(config, int):
         return config
+    accel.pin_torch_threads(config.runtime.torch_threads)
     run = TrainingRun(config)
     try:
         run.setup()
-        run.train()
+        with logging_redirect_tqdm():  # log lines (checkpoints, warnings) above the progress bar, not into it
+            run.train()
     except (
         ConfigError, modeling.ModelSetupError, prompts.ChatFormatError, accel.RankBookkeepingError, accel.LaunchConfigError
     ) as error:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
+
+from gqaru.files import replace_marked_block
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -79,16 +80,11 @@ def test_flops_formula_counts_the_weights_the_model_has(tiny_model_dir: Path) ->
     assert counts["embedding"] == model.get_input_embeddings().weight.numel()
 
     # The full-size shapes: Gemma-2b's decoder layers hold ~1.98 B weights, CLIP ViT-L ~0.30 B.
-    from gqaru.standins.tiny import PRESETS
-
-    big = PRESETS["gemma-2b-shapes"]
-    big_dims = {
-        "hidden": big.text_hidden_size, "text_layers": big.text_layers, "heads": big.text_heads,
-        "kv_heads": big.text_kv_heads, "head_dim": big.text_head_dim, "intermediate": big.text_intermediate_size,
-        "vocab": big.text_vocab_size, "vision_width": big.vision_hidden_size, "vision_layers": big.vision_layers,
-        "vision_intermediate": big.vision_intermediate_size, "vision_tokens": 577, "patch_size": 14,
-        "image_features": 576,
-    }
+    big_dims = gpu.preset_dimensions()
+    assert (big_dims["vocab"], big_dims["vision_tokens"], big_dims["image_features"]) == (256000, 577, 576)
+    assert set(big_dims) == set(dims)
+    with pytest.raises(ValueError, match="use model_dimensions"):
+        gpu.preset_dimensions("tiny")  # its vocabulary is its tokenizer's
     big_counts = gpu.parameter_counts(big_dims, lora_r=16)
     assert round(big_counts["text"] / 1e9, 2) == 1.98
     assert round(big_counts["vision"] / 1e9, 2) == 0.30
@@ -96,6 +92,42 @@ def test_flops_formula_counts_the_weights_the_model_has(tiny_model_dir: Path) ->
     # Frozen base: about 4 FLOPs per weight per token, plus attention and the head at the labels.
     flops = gpu.sequence_flops(big_dims, big_counts, tokens=800, label_tokens=16)
     assert 4 * 800 * big_counts["text"] < flops < 6 * 800 * (big_counts["text"] + big_counts["vision"])
+
+
+def test_flop_predicted_speedup_follows_questions_per_image() -> None:
+    """One question per image: gqaru saves only the LM head at non-label positions (Gemma's 256k
+    vocabulary makes that ~20% of the baseline's FLOPs); 13 per image: the image is paid once."""
+    dims = gpu.preset_dimensions()
+    counts = gpu.parameter_counts(dims, lora_r=16)
+    question_tokens, label_tokens = 30, 3  # text tokens of one question alone; its answer and <end_of_turn>
+
+    def predicted(per_image: int) -> float:
+        overhead = 10  # what a first turn carries and a later one does not, roughly
+        sequence = (576 + overhead + per_image * (question_tokens - overhead), per_image * label_tokens)
+        return gpu.predicted_training_speedup(dims, counts, [576 + question_tokens] * per_image, [sequence])
+
+    assert 1.1 < predicted(1) < 1.4
+    assert predicted(1) < predicted(2) < predicted(13)
+    assert 8 < predicted(13) < 14
+    # Same lengths and the head at every position on both sides: nothing to gain.
+    same = gpu.predicted_training_speedup(dims, counts, [606, 640], [(606, 606), (640, 640)])
+    assert same == pytest.approx(1.0)
+
+
+def test_readme_tables_are_generated_from_the_committed_results() -> None:
+    """The results blocks of README.md and benchmarks/README.md are `run.py --readme-only`'s output
+    for benchmarks/results.json: numbers in them cannot be typed by hand."""
+    results, summary = runner.load_results(runner.DEFAULT_RESULTS)
+    block = runner.markdown(results, summary)
+    assert [entry["id"] for entry in results][:2] == ["P1", "P1-synth"]  # the real shape leads
+    for readme in runner.READMES:
+        text = readme.read_text(encoding="utf-8")
+        assert replace_marked_block(text, runner.RESULTS_MARKER, block, str(readme)) == text, (
+            f"{readme}: its results block differs from results.json; run python benchmarks/run.py --readme-only"
+        )
+    assert runner.DEFAULT_RESULTS.with_suffix(".md").read_text(encoding="utf-8") == block
+    with pytest.raises(ValueError, match="X.md: expected one <!-- results.md --> ... <!-- /results.md --> block"):
+        replace_marked_block("no markers here", runner.RESULTS_MARKER, block, "X.md")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
@@ -129,15 +161,26 @@ def test_quick_run_writes_every_entry_in_the_shared_format(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    results = json.loads(results_path.read_text(encoding="utf-8"))
-    assert [entry["id"] for entry in results][:5] == ["P1", "P2", "P3", "P4", "P5"]
+    results, summary = runner.load_results(results_path)
+    ids = [entry["id"] for entry in results]
+    assert ids[:3] == ["P1", "P1-synth", "P2"] and {"P4", "P5"} <= set(ids)
+    assert [entry_id for entry_id in ids if entry_id in runner.ORDER] == sorted(
+        (entry_id for entry_id in ids if entry_id in runner.ORDER), key=runner.ORDER.index
+    )
+    assert summary["quick"] is True and summary["total_seconds"] > 0
     for entry in results:
         assert set(entry) == RESULT_KEYS
         assert isinstance(entry["ratio"], (int, float)) and entry["ratio"] > 0
         assert entry["met"] in (True, False, None)
     by_id = {entry["id"]: entry for entry in results}
-    p1 = by_id["P1"]["details"]
-    assert p1["seed_style"]["questions"] == p1["gqaru"]["questions"] == 40  # both sides, the same questions
+    for entry_id in ("P1", "P1-synth"):
+        p1 = by_id[entry_id]["details"]
+        assert p1["seed_style"]["questions"] == p1["gqaru"]["questions"] == 40  # both sides, the same questions
+        assert p1["flop_predicted_ratio"]["llava-gemma-2b"] > 1
+        assert set(p1["padding_pct"]["planned_stream"]) == {"batch 1", "batch 4", "batch 8"}
+    # GQA-ru train's shape: ~1.45 questions per image; the synthetic default ~13.
+    assert by_id["P1"]["details"]["data_shape"]["questions_per_image"] < 2.2
+    assert by_id["P1-synth"]["details"]["data_shape"]["questions_per_image"] > 8
     assert by_id["P2"]["details"]["noisy"]["questions"] == 12
     markdown = results_path.with_suffix(".md").read_text(encoding="utf-8")
     assert markdown.startswith("| id | measure | ratio | goal | result |")

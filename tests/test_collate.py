@@ -16,6 +16,7 @@ from gqaru.collate import (
     SequencePlanner,
     TrainingCollator,
     TrainingSequence,
+    group_by_length,
 )
 from gqaru.prompts import INSTRUCTION, Turn, tokenize_conversation
 
@@ -229,3 +230,31 @@ def test_fast_plan_equals_the_exact_greedy_plan(processor, questions_per_sequenc
     assert [[q["id"] for q in group] for group, _ in fast] == [[q["id"] for q in group] for group, _ in exact]
     assert [tokens for _, tokens in fast] == [tokens for _, tokens in exact]
     assert fast_drops.counts == exact_drops.counts
+
+
+def _padding(lengths: list[int], batch_size: int) -> int:
+    batches = [lengths[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
+    return sum(len(batch) * max(batch) - sum(batch) for batch in batches)
+
+
+def test_group_by_length_cuts_padding_keeps_every_item_and_is_seeded() -> None:
+    import random
+
+    rng = random.Random(0)
+    items = [(index, rng.choice([30, 60, 90]) + rng.randint(0, 5)) for index in range(203)]  # (id, length)
+    length = lambda item: item[1]  # noqa: E731
+    grouped = list(group_by_length(items, length, batch_size=4, buffer_batches=8, seed="s"))
+    assert sorted(grouped) == sorted(items)  # nothing dropped, nothing added
+    assert grouped == list(group_by_length(items, length, batch_size=4, buffer_batches=8, seed="s"))
+    assert grouped != list(group_by_length(items, length, batch_size=4, buffer_batches=8, seed="t"))
+    # Bounded: an item never leaves its buffer of 32, and each batch of 4 comes from one buffer.
+    for start in range(0, len(items), 32):
+        assert sorted(grouped[start : start + 32]) == sorted(items[start : start + 32])
+    lengths = [item[1] for item in grouped]
+    assert _padding(lengths, 4) < _padding([item[1] for item in items], 4) / 3
+    # The last buffer (203 = 6 x 32 + 11) ends with its short batch, so cutting by 4 in order
+    # gives the grouped batches themselves: each is a run of the buffer's sorted lengths.
+    tail = sorted(item[1] for item in items[192:])
+    assert lengths[-3:] == tail[-3:]
+    with pytest.raises(ValueError, match="batch_size 0 and buffer_batches 2 must be >= 1"):
+        list(group_by_length(items, length, batch_size=0, buffer_batches=2, seed=0))

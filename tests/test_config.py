@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gqaru.cli import main as cli_main
-from gqaru.config import Config, ConfigError, load_config, save_config
+from gqaru.config import STAGE_SECTIONS, Config, ConfigError, load_config, save_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -52,6 +53,22 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     named = load_config(REPO_ROOT / "configs/eval_testdev.yaml")
     save_config(named, tmp_path / "named.yaml")
     assert load_config(tmp_path / "named.yaml") == named
+
+
+def test_a_stage_saves_only_the_sections_it_reads(tmp_path: Path) -> None:
+    """runs/<run>/config.yaml of a training run has no eval section (its defaults said nothing about
+    that run), an evaluation's no lora/data/train; each loads back as the config that ran."""
+    config = load_config(REPO_ROOT / "configs/demo_train.yaml", ["train.lr=3e-5"])
+    for stage, sections in STAGE_SECTIONS.items():
+        path = tmp_path / f"{stage}.yaml"
+        save_config(config, path, stage=stage)
+        assert list(yaml.safe_load(path.read_text())) == list(sections)
+        reloaded = load_config(path)
+        assert all(getattr(reloaded, section) == getattr(config, section) for section in sections)
+    assert "eval" not in STAGE_SECTIONS["train"] and not {"lora", "data", "train"} & set(STAGE_SECTIONS["evaluate"])
+    named = load_config(REPO_ROOT / "configs/eval_testdev.yaml")
+    save_config(named, tmp_path / "named.yaml", stage="evaluate")
+    assert load_config(tmp_path / "named.yaml").eval == named.eval
 
 
 def test_a_named_selection_refuses_the_keys_it_ignores() -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from gqaru.metrics import HEADLINE_LABEL, compute_metrics
+from gqaru.metrics import HEADLINE_LABEL, compute_metrics, exact_match
 from gqaru.report import GALLERY_SIZE, THUMBNAIL_PX, error_analysis, write_report
 
 PLANTED = '<script>alert("x")</script> Какого цвета & «мяч»?'
 STRUCTURAL = ["verify", "query", "logical", "choose", "compare"]
 SEMANTIC = ["attr", "rel", "obj", "cat", "global"]
+DETAILED = ["existRelS", "verifyAttr", "queryAttr"]
 
 
 def make_records() -> list[dict[str, Any]]:
@@ -41,7 +43,11 @@ def make_records() -> list[dict[str, Any]]:
                 "question": PLANTED if index == 1 else f"Вопрос номер {index}?",
                 "answer": answer,
                 "prediction": prediction,
-                "types": {"structural": STRUCTURAL[index % 5], "semantic": SEMANTIC[(index // 5) % 5], "detailed": "d"},
+                "types": {
+                    "structural": STRUCTURAL[index % 5],
+                    "semantic": SEMANTIC[(index // 5) % 5],
+                    "detailed": DETAILED[index % 3],  # 14, 13, 13 questions
+                },
             }
         )
     return records
@@ -156,3 +162,58 @@ def test_report_without_images(tmp_path: Path) -> None:
     assert "data:image/jpeg" not in page and "data:image/png;base64," in page
     assert page.count('<div class="noimg">no image</div>') == 5
     assert HEADLINE_LABEL in page
+
+
+def test_detailed_type_table_most_frequent_first(report: dict[str, Any]) -> None:
+    records = report["records"]
+    expected = {}
+    for name in DETAILED:
+        mine = [record for record in records if record["types"]["detailed"] == name]
+        expected[name] = (len(mine), sum(exact_match(record["prediction"], record["answer"]) for record in mine))
+    assert [count for count, _ in expected.values()] == [14, 13, 13]
+    metrics = compute_metrics(records)
+    assert {name: (group["n"], group["correct"]) for name, group in metrics["detailed"].items()} == expected
+
+    text = report["paths"]["markdown"].read_text(encoding="utf-8")
+    table = text.split("### Detailed type")[1].split("\n\n")[1].splitlines()
+    # Most frequent first, ties by name: existRelS (14), then queryAttr and verifyAttr (13 each).
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["existRelS", "queryAttr", "verifyAttr"]
+    count, correct = expected["existRelS"]
+    assert table[2].startswith(f"| existRelS | {count} | {correct} | {100 * correct / count:.1f}% |")
+    page = report["paths"]["html"].read_text(encoding="utf-8")
+    assert "<h3>Detailed type (GQA types.detailed, most frequent first)</h3>" in page
+    assert f"<tr><td>existRelS</td><td class=num>{count}</td><td class=num>{correct}</td>" in page
+
+
+def spread_records() -> list[dict[str, Any]]:
+    """60 wrong answers: the first 30 ids all about one image (as GQA's ids cluster by image), the
+    other 30 each about its own image; 5 structural and 10 detailed types."""
+    return [
+        {
+            "id": f"q{index:03d}",
+            "imageId": "crowded" if index < 30 else f"img{index:03d}",
+            "question": f"Вопрос {index}?",
+            "answer": "стол",
+            "prediction": "стул",
+            "types": {"structural": STRUCTURAL[index % 5], "semantic": "obj", "detailed": f"detail{index % 10}"},
+        }
+        for index in range(60)
+    ]
+
+
+def test_gallery_spans_images_and_types() -> None:
+    gallery = error_analysis(spread_records())["gallery"]
+    assert len(gallery) == GALLERY_SIZE == 24
+    assert len({example["id"] for example in gallery}) == 24
+    # Taking the first ids per type showed "crowded" over and over; now every card is another image.
+    assert len({example["imageId"] for example in gallery}) == 24
+    assert {example["detailed"] for example in gallery} == {f"detail{index}" for index in range(10)}
+    per_type = Counter(example["structural"] for example in gallery)
+    assert set(per_type) == set(STRUCTURAL) and min(per_type.values()) >= 4
+
+
+def test_gallery_is_seeded() -> None:
+    records = spread_records()
+    first = [example["id"] for example in error_analysis(records, seed=0)["gallery"]]
+    assert [example["id"] for example in error_analysis(list(reversed(records)), seed=0)["gallery"]] == first
+    assert [example["id"] for example in error_analysis(records, seed=1)["gallery"]] != first

@@ -252,6 +252,138 @@ def test_oversized_image_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     }
 
 
+def with_claimed_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header (SOF0) claiming another size: a decompression bomb's header."""
+    frame = jpeg.index(b"\xff\xc0")
+    return jpeg[: frame + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[frame + 9 :]
+
+
+def with_marker_in_scan(jpeg: bytes) -> bytes:
+    """The same JPEG with a stray DHT marker in the middle of its entropy-coded scan: every header is
+    intact, so only a decoder that reads the scan can tell (libjpeg then fails on the bogus table)."""
+    scan = jpeg.index(b"\xff\xda")
+    middle = (scan + len(jpeg)) // 2
+    return jpeg[:middle] + b"\xff\xc4" + jpeg[middle:]
+
+
+def noisy_jpeg() -> bytes:
+    noise = np.random.default_rng(1).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+    return image_bytes(PILImage.fromarray(noise), "JPEG", quality=90)
+
+
+def test_the_check_rejects_what_does_not_decode_in_full() -> None:
+    """The cheap check still decodes every image: a header that parses is not enough."""
+    good = noisy_jpeg()
+    assert prepare_image(good).jpeg == good
+    bad = {
+        "truncated_mid_scan": good[: len(good) * 2 // 3],
+        "garbage": b"\x89PNG but not really" * 10,
+        "corrupt_scan": with_marker_in_scan(good),
+        "no_bytes": b"",
+    }
+    with PILImage.open(io.BytesIO(bad["corrupt_scan"])) as opened:
+        assert (opened.format, opened.size) == ("JPEG", (128, 96)), "its headers alone look fine"
+    for name, data in bad.items():
+        with pytest.raises(shards_module.ImageRejected) as rejected:
+            prepare_image(data)
+        assert rejected.value.reason == "undecodable_image", name
+    bomb = with_claimed_size(jpeg_bytes((16, 16)), 30_000, 30_000)  # 900 M pixels, over twice PIL's limit
+    with pytest.raises(shards_module.ImageRejected) as rejected:
+        prepare_image(bomb)
+    assert rejected.value.reason == "oversized_image" and "pixels" in rejected.value.detail
+    copy = pickle.loads(pickle.dumps(rejected.value))  # how a check worker sends it back
+    assert (type(copy), copy.reason, copy.detail) == (shards_module.ImageRejected, "oversized_image", rejected.value.detail)
+
+
+def test_tar_headers_are_tarfiles_own_bytes() -> None:
+    """The fast header is tarfile's (`TarInfo.tobuf`) byte for byte, across names and sizes; what its
+    template does not cover goes to tarfile itself, errors included."""
+    names = ["a.jpg", "2354786.json", "n" * 64 + ".json", "x_y-Z.jpg", "q" * 100, "ключ.json"]
+    sizes = [0, 1, 511, 512, 513, 11_000, 8**11 - 1]
+    for name in names:
+        for size in sizes:
+            assert shards_module._tar_header(name, size) == shards_module._tarfile_header(name, size), (name, size)
+    long_name = "d/" * 60 + "a.jpg"  # over 100 bytes: tarfile splits it into prefix and name
+    assert shards_module._tar_header(long_name, 5) == shards_module._tarfile_header(long_name, 5)
+    with pytest.raises(ValueError, match="overflow"):  # over USTAR's 8 GiB, as tarfile says
+        shards_module._tar_header("a.jpg", 8**11)
+    member = shards_module._tar_member("k.json", b"{}")
+    with tarfile.open(fileobj=io.BytesIO(member + bytes(1024))) as tar:
+        (info,) = tar.getmembers()
+        assert (info.name, info.size, info.mode, info.mtime, info.uname, info.chksum) == (
+            "k.json", 2, 0o444, 0, "gqaru", tarfile.calc_chksums(member[:512])[0],
+        )
+
+
+def bad_images_source(root: Path, good_images: int) -> Path:
+    """`good_images` images, with a truncated, a garbage, a corrupt-scan and an oversized one among them."""
+    images = [(f"im{index:03d}", jpeg_bytes((24, 16), color=(index % 256, 40, 90))) for index in range(good_images)]
+    bad = {
+        "truncated": noisy_jpeg()[:700],
+        "garbage": b"not an image at all",
+        "corruptscan": with_marker_in_scan(noisy_jpeg()),
+        "bomb": with_claimed_size(jpeg_bytes((16, 16)), 30_000, 30_000),
+    }
+    for position, item in zip((3, 17, 18, 40), bad.items(), strict=True):
+        images.insert(min(position, len(images)), item)
+    questions = [question_row(f"q-{image_id}-{k}", image_id) for index, (image_id, _) in enumerate(images)
+                 for k in range(1 + index % 3)]
+    return write_source(root, {"train": (questions, images)})
+
+
+@pytest.mark.parametrize("image_size", [None, 12])
+def test_any_worker_count_writes_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_size: int | None
+) -> None:
+    """1, 2 and 3 workers: the same shard files and manifest, byte for byte, the same rejections.
+
+    Small batches, so many are in flight and workers finish out of order; with `image_size`
+    every image is re-encoded in the workers and its new bytes come back.
+    """
+    monkeypatch.setattr(shards_module, "CHECK_BATCH_IMAGES", 3)
+    source = bad_images_source(tmp_path / "src", good_images=60)
+    built = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        manifest = build_shards(str(source), split="train", out_dir=out, samples_per_shard=7, image_size=image_size,
+                                workers=workers, verbose=False)
+        built[workers] = {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+        assert len(built[workers]) == manifest["counts"]["shards"] + 1 > 8
+    assert built[1] == built[2] == built[3]
+    manifest = json.loads(built[1]["manifest.json"])
+    rejected = {name: (entry["count"], entry["examples"]) for name, entry in manifest["rejected"].items() if entry["count"]}
+    assert rejected == {
+        "undecodable_image": (3, ["truncated", "garbage", "corruptscan"]),
+        "oversized_image": (1, ["bomb"]),
+    }
+    assert manifest["counts"]["images"] == 60
+    assert manifest["counts"]["reencoded_images"] == (60 if image_size else 0)
+    kept = {f"q-im{index:03d}-" for index in range(60)}
+    expected = {question_id for question_id in source_questions(source, "train") if question_id[:8] in kept}
+    samples = check_shard_dir(tmp_path / "w2", expected, source_questions(source, "train"))
+    assert [sample["key"] for sample in samples] == [f"im{index:03d}" for index in range(60)]  # source order
+
+
+def test_a_failing_worker_fails_the_build_and_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    monkeypatch.setattr(shards_module, "CHECK_BATCH_IMAGES", 2)
+    source = bad_images_source(tmp_path / "src", good_images=30)
+
+    def failing_prepare(data: bytes | None, image_size: int | None = None) -> Any:
+        if data and b"\x00\x11\x08\x00\x10\x00\x18" in data[:200]:  # the 24x16 images' frame header
+            raise RuntimeError("worker on fire")
+        return prepare_image(data, image_size)
+
+    monkeypatch.setattr(shards_module, "prepare_image", failing_prepare)  # forked workers inherit it
+    with pytest.raises(RuntimeError, match="worker on fire"):
+        build_shards(str(source), split="train", out_dir=tmp_path / "out", workers=2, verbose=False)
+    assert multiprocessing.active_children() == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
+    with pytest.raises(ValueError, match="workers must be a positive"):
+        build_shards(str(source), split="train", out_dir=tmp_path / "out", workers=0, verbose=False)
+
+
 def test_a_source_with_nothing_valid_gives_an_empty_shard_dir(tmp_path: Path) -> None:
     questions = [question_row("q1", "a", answer=" "), question_row("q2", "a", question="")]
     source = write_source(tmp_path / "src", {"testdev": (questions, [("a", jpeg_bytes())])})
@@ -334,7 +466,7 @@ def test_cli_build_and_inspect_detects_corruption(
 ) -> None:
     out = tmp_path / "cli"
     code = cli_main(["shards", "build", "--source", str(synth_dir), "--split", "testdev", "--out", str(out),
-                     "--max-samples", "50", "--seed", "1", "--samples-per-shard", "3"])
+                     "--max-samples", "50", "--seed", "1", "--samples-per-shard", "3", "--workers", "2"])
     assert code == 0
     manifest = read_manifest(out)
     assert manifest["counts"]["questions"] == 50 and manifest["counts"]["shards"] >= 2

@@ -18,8 +18,10 @@ import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
+from gqaru import sources as sources_module
 from gqaru.sources import (
     REJECTION_REASONS,
+    Question,
     SourceError,
     SplitReader,
     images_config,
@@ -189,6 +191,41 @@ def test_text_checks_and_join_rejections_are_counted(tmp_path: Path) -> None:
     assert reader.selection()["available"] == 3  # q1, q4, q5 pass the text checks; q4 is lost at the join
     with pytest.raises(RuntimeError, match="once"):
         list(reader)
+
+
+def test_join_in_batches_gives_every_field_of_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Questions are converted a batch of images at a time: images spread over many small batches,
+    with duplicates across batches, images without questions, null types and null text fields,
+    still give each image exactly its questions, with the values of their own rows."""
+    monkeypatch.setattr(sources_module, "IMAGE_BATCH_ROWS", 3)
+    images = [(f"img{index}", jpeg_bytes(color=(index * 20, 0, 0))) for index in range(11)]
+    images.insert(7, ("img2", b"a later duplicate"))
+    questions = []
+    for index in range(40):
+        row = question_row(f"q{(index * 17) % 40:02d}", f"img{(index * 7) % 9}", question=f"Вопрос {index}?")
+        if index % 5 == 0:
+            row["types"] = None
+        elif index % 3 == 0:
+            row["types"] = {**TYPES, "detailed": None}
+        if index % 4 == 0:
+            row["fullAnswer"] = None
+        questions.append(row)
+    source = write_source(tmp_path / "src", {"train": (questions, images)})
+    reader = SplitReader(str(source), "train")
+    items = list(reader)
+    expected: dict[str, list[Question]] = {}
+    for row_index, row in enumerate(questions):
+        types = {key: value or "" for key, value in row["types"].items()} if row["types"] is not None else {}
+        expected.setdefault(row["imageId"], []).append(
+            Question(id=row["id"], image_id=row["imageId"], question=row["question"], answer=row["answer"],
+                     full_answer=row["fullAnswer"] or "", types=types, row=row_index)
+        )
+    assert [item.image_id for item in items] == [f"img{index}" for index in range(9)]  # images' order; 9, 10 unasked
+    for item in items:
+        assert item.questions == sorted(expected[item.image_id], key=lambda question: question.id)
+        assert item.image_bytes == next(data for image_id, data in images if image_id == item.image_id)  # the first row
+    assert reader.rejections.count("duplicate_image") == 1 and reader.rejections.total() == 1
+    assert {"types": {}, "fullAnswer": ""}.items() <= items[0].questions[0].to_json().items()  # q00: row 0
 
 
 def test_seed_report_rows_are_the_seed_codes_rows() -> None:

@@ -345,3 +345,56 @@ def test_cli_templates_writes_only_that_set_and_names_it(tmp_path: Path, capsys:
     error = capsys.readouterr().err
     assert "unknown question templates ['one_hop']" in error and "one-hop" in error and "query_color" in error
     assert not (tmp_path / "bad").exists()
+
+
+def test_questions_per_image_follows_gqa_ru_trains_shape_seeded(tmp_path: Path) -> None:
+    shape = synth.resolve_questions_per_image("gqa-ru-train")
+    images = synth.generate_split("train", 3000, seed=0, questions_per_image=shape)
+    counts = Counter(len(image.rows) for image in images)
+    assert sum(len(image.rows) for image in images) == 3000
+    assert 1.38 <= 3000 / len(images) <= 1.52  # GQA-ru train: ~40,000 questions over 27,519 images
+    assert (counts[1] + counts[2]) / len(images) >= 0.85
+    assert counts[1] > counts[2] > counts[3] > 0 and max(counts) <= 5
+    again = synth.generate_split("train", 3000, seed=0, questions_per_image=shape)
+    assert [image.rows for image in again] == [image.rows for image in images]
+    # Explicit weights: every image but the remainder holds exactly the one count given weight.
+    pairs = synth.generate_split("train", 101, seed=0, questions_per_image=synth.resolve_questions_per_image("2:1,5:0"))
+    assert [len(image.rows) for image in pairs] == [2] * 50 + [1]
+    assert synth.resolve_questions_per_image("default") is None
+
+    summary = synth.write_synthetic_gqa(
+        tmp_path / "real-shape", train_questions=300, testdev_questions=62, seed=0, train_questions_per_image=shape
+    )
+    rows = _load(tmp_path / "real-shape", "train_balanced_instructions", "train")
+    per_image = Counter(rows["imageId"])
+    assert len(rows) == 300 and len(per_image) == summary["train"]["images"]
+    assert len(_load(tmp_path / "real-shape", "train_balanced_images", "train")) == len(per_image)
+    assert 1.3 <= 300 / len(per_image) <= 1.6
+    assert summary["testdev"]["questions"] == 62 and summary["testdev"]["images"] <= 3  # testdev keeps ≈31 per image
+    assert "'gqa-ru-train'" in (tmp_path / "real-shape" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("gqa-ru", "'gqa-ru' is not a new COUNT:WEIGHT pair; give a shape \\(default, gqa-ru-train\\)"),
+        ("1:2,1:3", "'1:3' is not a new COUNT:WEIGHT pair"),
+        ("0:1", "\\['0:1.0'\\] are not a positive integer count"),
+        ("1:-1", "are not a positive integer count with a finite weight >= 0"),
+        ("1:0,2:0", "add up to 0"),
+    ],
+)
+def test_questions_per_image_errors_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        synth.resolve_questions_per_image(text)
+
+
+def test_cli_questions_per_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "shaped"
+    assert cli_main(["synth", "--out", str(out), "--train-questions", "40", "--testdev-questions", "31",
+                     "--questions-per-image", "1:1"]) == 0  # fmt: skip
+    assert "train: 40 questions over 40 images" in capsys.readouterr().out
+    assert "weights 1:1" in (out / "README.md").read_text(encoding="utf-8")
+    assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--questions-per-image", "one"]) == 2
+    assert "'one' is not a new COUNT:WEIGHT pair" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

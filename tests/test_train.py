@@ -6,6 +6,7 @@ Runs go through subprocesses (`python -m gqaru.train`, `accelerate launch`), as 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from gqaru.config import load_config
 from gqaru.shards import build_shards, list_question_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -114,14 +116,24 @@ def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.
 
 
 def test_one_process_run_writes_everything_and_learns(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
-    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"epochs": 4, "lr": 3e-3})
+    config = write_config(tmp_path, tiny_model_dir, small_shards, train={"epochs": 4, "lr": 3e-3, "save_every": 20})
     result = run(train_command(config))
     run_dir = tmp_path / "runs" / "run"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json", "merged/config.json"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tensorboard").rglob("events.out.tfevents*")), "no tensorboard events"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents*")), "no tensorboard events in runs/<run>/tensorboard/"
+    assert not (run_dir / "tensorboard" / "tensorboard").exists()  # (hparams go to timestamped subdirs, as tensorboard does)
     assert list((run_dir / "merged").glob("*.safetensors"))
     assert "trainable parameters" in result.stderr and "steps per epoch" in result.stderr
+    assert "device cpu, single process, mixed precision none" in result.stderr  # words, not DistributedType.NO
+    # Log lines go above the progress bar, never onto its line (what follows the bar's last \r).
+    checkpoint_lines = [line for line in result.stderr.split("\n") if "gqaru.train: checkpoint" in line]
+    assert checkpoint_lines
+    assert all(line.split("\r")[-1].lstrip()[:2].isdigit() for line in checkpoint_lines), checkpoint_lines
+    # The run's config.yaml holds training's sections only, and loads back as the config that ran.
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert list(resolved) == ["model", "lora", "data", "train", "output", "runtime"]
+    assert load_config(run_dir / "config.yaml") == load_config(config)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     precision = summary["precision"]
@@ -309,16 +321,21 @@ def test_a_run_makes_no_float64_tensor(tmp_path: Path, tiny_model_dir: Path, sma
     """MPS has no float64: one such tensor on the device (the log step's reduction made one) ended
     MacBook runs at step 10. Set-up, steps, log lines, a checkpoint and the export make none."""
     from gqaru import train
-    from gqaru.config import config_from_command_line
 
     config = write_config(tmp_path, tiny_model_dir, small_shards, train={"max_steps": 3, "log_every": 2, "save_every": 2})
-    run = train.TrainingRun(config_from_command_line([str(config)], ""))
+    run = train.TrainingRun(load_config(config))
     with no_float64():
         run.setup()
         run.train()
         run.finish()
     assert (tmp_path / "runs" / "run" / "checkpoints" / "step-000002").is_dir()
     assert len((tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    # trainer_state.json counts the tokens read (text + image, no padding): the attention masks of
+    # the first 2 steps' micro-batches (2 x grad_accum 2), re-read from the same seeded stream.
+    state = json.loads((tmp_path / "runs" / "run" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    first_micro_batches = [batch for batch, real in itertools.islice(run._batches(0, 0), 4) if real]
+    assert state["tokens"] == sum(int(batch["attention_mask"].sum()) for batch in first_micro_batches) > 0
+    assert state["tokens"] < run.state.tokens
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
@@ -490,3 +507,33 @@ def test_the_whole_pipeline_on_the_replica(
     ]
     reference = reference_answers(merged, items)
     assert len(records) == 24 and {record["id"]: record["prediction"] for record in records} == reference
+
+
+def test_length_grouping_cuts_padding_and_resumes_exactly(tmp_path: Path, tiny_model_dir: Path, small_shards: Path) -> None:
+    """data.length_grouping_batches: the same questions with less padding, and a run resumed from
+    a mid-epoch checkpoint trains exactly what the uninterrupted one did (the grouped order is
+    re-read from the seed, the plan's counts do not change)."""
+    options = {"max_steps": 12, "save_every": 6, "keep_last": 2}
+    runs = {}
+    for name, grouping in (("plain", 0), ("grouped", 3)):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        config = write_config(runs[name], tiny_model_dir, small_shards, train=options,
+                              data={"length_grouping_batches": grouping})  # fmt: skip
+        run(train_command(config))
+
+    def padding(run_dir: Path) -> float:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return sum(record["padding_pct"] for record in records)
+
+    straight = runs["grouped"] / "runs" / "run"
+    assert padding(straight) < 0.7 * padding(runs["plain"] / "runs" / "run")
+    assert sum(trained_ids(straight).values()) == sum(trained_ids(runs["plain"] / "runs" / "run").values())
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    config = write_config(resumed, tiny_model_dir, small_shards, train=options, data={"length_grouping_batches": 3})
+    shutil.copytree(straight / "checkpoints" / "step-000006", resumed / "runs" / "run" / "checkpoints" / "step-000006")
+    run(train_command(config, "train.resume=latest"))
+    assert_same_tensors(adapter_tensors(straight), adapter_tensors(resumed / "runs" / "run"), atol=1e-6)
+    assert trained_ids(straight) == trained_ids(resumed / "runs" / "run")

@@ -34,7 +34,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,9 @@ __all__ = [
     "random_scenes",
     "scene_questions",
     "resolve_templates",
+    "resolve_questions_per_image",
     "TEMPLATE_SETS",
+    "QUESTIONS_PER_IMAGE_SHAPES",
     "place_words",
     "SyntheticImage",
     "write_synthetic_gqa",
@@ -64,8 +66,19 @@ SPLITS = ("train", "testdev")
 
 # Questions per image (a uniform draw in the range): GQA's balanced train has ≈13 per image and
 # GQA-ru's testdev ≈31 (12,216 over 398); image-grouped training and shard sizes depend on it.
-# (GQA-ru's train is a 40k-question sample, ≈1.5 per image: the synthetic train follows GQA.)
+# (GQA-ru's train is a 40k-question sample, ≈1.5 per image: the synthetic train follows GQA by
+# default; `questions_per_image`, `gqaru synth --questions-per-image gqa-ru-train`, draws GQA-ru's.)
 QUESTIONS_PER_IMAGE = {"train": (9, 17), "testdev": (26, 36)}
+
+#: Named distributions of questions per image, {count: weight}, for `questions_per_image`.
+#: "gqa-ru-train": GQA-ru's own train split, ~40,000 questions over 27,519 images (mean ≈1.45).
+#: Only the mean is known here; the shape is the zero-truncated Poisson with that mean (λ = 0.8),
+#: what a small random sample of GQA's questions gives (each image keeps each of its questions
+#: with the same small chance, and images that keep none are left out): 91% of images hold one
+#: or two questions. Weights in percent, rounded; their mean is 1.451.
+QUESTIONS_PER_IMAGE_SHAPES: dict[str, dict[int, float]] = {
+    "gqa-ru-train": {1: 65.3, 2: 26.1, 3: 7.0, 4: 1.4, 5: 0.2},
+}
 
 #: Images per parquet file of the `*_images` configs: large splits span several files, as on the hub.
 IMAGES_PER_PARQUET_FILE = 200
@@ -1002,6 +1015,54 @@ def resolve_templates(text: str) -> tuple[str, ...]:
     return names
 
 
+def resolve_questions_per_image(text: str) -> dict[int, float] | None:
+    """«default» (None: the split's uniform range), a `QUESTIONS_PER_IMAGE_SHAPES` name, or explicit
+    weights «COUNT:WEIGHT,...» («1:65,2:26,3:9»): questions per image drawn with those weights.
+
+    Raises:
+        ValueError: an unknown name or a malformed pair (the message lists the names and the form).
+    """
+    text = text.strip()
+    if text == "default":
+        return None
+    if text in QUESTIONS_PER_IMAGE_SHAPES:
+        return dict(QUESTIONS_PER_IMAGE_SHAPES[text])
+    weights: dict[int, float] = {}
+    for part in (piece.strip() for piece in text.split(",")):
+        count, colon, weight = part.partition(":")
+        try:
+            number, value = int(count), float(weight)
+        except ValueError:
+            colon = ""
+        if not colon or number in weights:
+            raise ValueError(
+                f"questions per image {text!r}: {part!r} is not a new COUNT:WEIGHT pair; give a shape "
+                f"({', '.join(['default', *QUESTIONS_PER_IMAGE_SHAPES])}) or weights like 1:65,2:26,3:9"
+            )
+        weights[number] = value
+    _checked_weights(weights)
+    return weights
+
+
+def _checked_weights(weights: Mapping[int, float]) -> tuple[list[int], list[float]]:
+    """(counts, weights) of a questions-per-image distribution, checked.
+
+    Raises:
+        ValueError: a count that is not a positive integer, a negative or non-finite weight, or
+            weights that add up to 0.
+    """
+    bad = [
+        f"{count}:{weight}"
+        for count, weight in weights.items()
+        if not isinstance(count, int) or count < 1 or not math.isfinite(weight) or weight < 0
+    ]
+    if bad:
+        raise ValueError(f"questions per image: {bad} are not a positive integer count with a finite weight >= 0")
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"questions per image: the weights {dict(weights)} add up to 0; give one positive weight")
+    return list(weights), list(weights.values())
+
+
 class _YesNoBalancer:
     """Per template, asks for whichever answer ("да"/"нет") it has produced less often so far.
 
@@ -1113,7 +1174,11 @@ def _split_seed(seed: int, split: str) -> int:
 
 
 def generate_split(
-    split: str, questions: int, seed: int = 0, templates: Collection[str] | None = None
+    split: str,
+    questions: int,
+    seed: int = 0,
+    templates: Collection[str] | None = None,
+    questions_per_image: Mapping[int, float] | None = None,
 ) -> list[SyntheticImage]:
     """The scenes and question rows of one split: exactly `questions` rows (no images drawn yet).
 
@@ -1121,6 +1186,9 @@ def generate_split(
     question ids are unique across both splits (train 8 digits from "02000000", testdev 9 digits
     from "201000000"). `templates` (names from `TEMPLATES`) restricts the questions to those
     templates, for probing what a model learns of each; None asks all of them.
+    `questions_per_image` ({count: weight}, see `resolve_questions_per_image`) draws each image's
+    question count with those weights; None draws it uniformly from `QUESTIONS_PER_IMAGE[split]`
+    (the default, whose output does not change). The last image holds the remainder either way.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
@@ -1136,6 +1204,8 @@ def generate_split(
                 f"choose from {[spec.name for spec in TEMPLATES]}"
             )
         chosen = tuple(spec for spec in TEMPLATES if spec.name in names)
+    if questions_per_image is not None:
+        counts, count_weights = _checked_weights(questions_per_image)
     rng = random.Random(_split_seed(seed, split))
     balancer = _YesNoBalancer()
     low, high = QUESTIONS_PER_IMAGE[split]
@@ -1146,7 +1216,8 @@ def generate_split(
         index = len(images)
         image_id = f"{2_300_000 + index}" if split == "train" else f"n{100_000 + index}"
         scene = _random_scene(rng, first_object_number=1_000_000 + index * 10, min_objects=min_objects)
-        wanted = min(rng.randint(low, high), questions - question_number)
+        drawn = rng.randint(low, high) if questions_per_image is None else rng.choices(counts, count_weights)[0]
+        wanted = min(drawn, questions - question_number)
         generated = _questions_for_scene(scene, rng, wanted, balancer, chosen)
         ids = [_question_id(split, question_number + offset) for offset in range(len(generated))]
         question_number += len(generated)
@@ -1359,7 +1430,12 @@ def _write_split(directory: Path, split: str, images: list[SyntheticImage]) -> d
     }
 
 
-def _readme(sizes: dict[str, dict[str, dict[str, int]]], seed: int, templates: Collection[str] | None) -> str:
+def _readme(
+    sizes: dict[str, dict[str, dict[str, int]]],
+    seed: int,
+    templates: Collection[str] | None,
+    train_questions_per_image: Mapping[int, float] | None = None,
+) -> str:
     """The dataset card: YAML `dataset_info` + `configs` (as in the hub repo) and a short note."""
     import yaml
 
@@ -1400,6 +1476,13 @@ def _readme(sizes: dict[str, dict[str, dict[str, int]]], seed: int, templates: C
         named = next((name for name, members in TEMPLATE_SETS.items() if set(members) == set(templates)), None)
         listed = ", ".join(sorted(templates))
         lines += [f"Question templates: {f'the {named!r} set ({listed})' if named else listed}.", ""]
+    if train_questions_per_image is not None:
+        named = next(
+            (name for name, shape in QUESTIONS_PER_IMAGE_SHAPES.items() if shape == dict(train_questions_per_image)),
+            None,
+        )
+        weights = ", ".join(f"{count}:{weight:g}" for count, weight in train_questions_per_image.items())
+        lines += [f"Questions per train image drawn with weights {weights}{f' ({named!r})' if named else ''}.", ""]
     for split in SPLITS:
         questions, images = sizes[split]["instructions"]["num_examples"], sizes[split]["images"]["num_examples"]
         lines.append(f"- {split}: {questions} questions over {images} images")
@@ -1428,10 +1511,13 @@ def write_synthetic_gqa(
     testdev_questions: int = 1000,
     seed: int = 0,
     templates: Collection[str] | None = None,
+    train_questions_per_image: Mapping[int, float] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write the synthetic GQA-ru to `out_dir` in the hub repo's layout; return the counts per split.
 
     `templates` restricts the questions to those templates (`resolve_templates`); None asks all.
+    `train_questions_per_image` ({count: weight}, e.g. `QUESTIONS_PER_IMAGE_SHAPES["gqa-ru-train"]`)
+    draws the train images' question counts from it (testdev keeps ≈31); None keeps ≈13.
 
     Exactly `train_questions` / `testdev_questions` question rows are written (images hold ≈13 and
     ≈31 questions; the last image of a split holds the remainder). Layout::
@@ -1459,10 +1545,21 @@ def write_synthetic_gqa(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         sizes = {
-            split: _write_split(staging, split, generate_split(split, counts[split], seed=seed, templates=templates))
+            split: _write_split(
+                staging,
+                split,
+                generate_split(
+                    split,
+                    counts[split],
+                    seed=seed,
+                    templates=templates,
+                    questions_per_image=train_questions_per_image if split == "train" else None,
+                ),
+            )
             for split in SPLITS
         }
-        (staging / "README.md").write_text(_readme(sizes, seed, templates), encoding="utf-8")
+        readme = _readme(sizes, seed, templates, train_questions_per_image)
+        (staging / "README.md").write_text(readme, encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the output is an ordinary directory
         if out.exists():
             shutil.rmtree(out)

@@ -521,12 +521,19 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     corpus: Sequence[str] | None = None,
     pretrain_steps: int = 0,
+    pretrain_target: float | None = None,
+    pretrain_max_steps: int | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Build model, tokenizer and processor for `preset` and `save_pretrained` them into `out_dir`.
 
     `pretrain_steps` > 0 trains the random model on grounding and reading first (`gqaru.standins.pretrain`), so
     that LoRA has a base to adapt, as it has in the real run; the held-out report of that run is
-    kept in `tiny_model.json`. 0 (the tests' default) keeps the random weights.
+    kept in `tiny_model.json`. 0 (the tests' default) keeps the random weights. `pretrain_target` and
+    `pretrain_max_steps`: the held-out grounding level to reach and the step ceiling
+    (`gqaru.standins.pretrain.pretrain`'s `target_word_accuracy` and `max_steps`). `threads` pins
+    torch's intra-op threads for the build (None: torch's default): the weights depend on it, since
+    CPU kernels split their sums by thread count, and the count used is recorded.
 
     The directory is written whole under a temporary name and renamed into place, so a crash never
     leaves half a model; an existing `out_dir` is replaced only if it is empty or an earlier build
@@ -545,6 +552,8 @@ def build_tiny_model(
             f"{out_dir} exists and is not a tiny-model build (no {BUILD_INFO_FILE}); refusing to replace it"
         )
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     texts = default_tokenizer_corpus() if corpus is None else list(corpus)
     tokenizer = train_tokenizer(texts)
@@ -554,7 +563,9 @@ def build_tiny_model(
     if pretrain_steps:
         from gqaru.standins.pretrain import pretrain
 
-        pretraining = pretrain(model, processor, pretrain_steps, seed=seed)
+        pretraining = pretrain(
+            model, processor, pretrain_steps, seed=seed, target_word_accuracy=pretrain_target, max_steps=pretrain_max_steps
+        )
 
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
@@ -570,6 +581,7 @@ def build_tiny_model(
             "tokenizer_corpus_lines": len(texts),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "pretraining": pretraining,
+            "torch_threads": {"count": torch.get_num_threads(), "pinned": threads is not None},
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
