@@ -199,12 +199,13 @@ def _positive_int(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
+    error = argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+        raise error from None
+    if not 0 < value <= 1:  # also rejects nan
+        raise error
     return value
 
 

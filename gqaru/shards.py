@@ -205,21 +205,25 @@ def default_workers() -> int:
     return max(1, min(4, cores))
 
 
+def _check(data: bytes | None, image_size: int | None) -> PreparedImage | ImageRejected:
+    """`prepare_image`, its rejection returned rather than raised."""
+    try:
+        return prepare_image(data, image_size)
+    except ImageRejected as rejected:
+        return rejected
+
+
 def _check_batch(images: list[bytes | None], image_size: int | None) -> list[PreparedImage | ImageRejected]:
-    """A check worker's job: `prepare_image` on each image, rejections returned rather than raised.
+    """A check worker's job: `_check` on each image.
 
     A pass-through image comes back without its bytes (the building process holds them already),
     so only re-encoded JPEGs cross the process boundary twice.
     """
-    outcomes: list[PreparedImage | ImageRejected] = []
-    for data in images:
-        try:
-            prepared = prepare_image(data, image_size)
-        except ImageRejected as rejected:
-            outcomes.append(rejected)
-            continue
-        outcomes.append(prepared if prepared.reencoded else dataclasses.replace(prepared, jpeg=b""))
-    return outcomes
+    outcomes = [_check(data, image_size) for data in images]
+    return [
+        dataclasses.replace(outcome, jpeg=b"") if isinstance(outcome, PreparedImage) and not outcome.reencoded else outcome
+        for outcome in outcomes
+    ]
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -243,11 +247,7 @@ def _checked_images(
     """
     if workers == 1:
         for item in items:
-            try:
-                outcome: PreparedImage | ImageRejected = prepare_image(item.image_bytes, image_size)
-            except ImageRejected as rejected:
-                outcome = rejected
-            yield item, outcome
+            yield item, _check(item.image_bytes, image_size)
         return
 
     def finished(batch: list[ImageQuestions], future: Future) -> Iterator[tuple[ImageQuestions, Any]]:

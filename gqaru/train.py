@@ -637,8 +637,8 @@ class TrainingRun:
         state_dict = accelerator.get_state_dict(self.model)
         unwrapped = accelerator.unwrap_model(self.model)
         trained_ids = gather_object(self.trained_ids)
-        questions = int(accelerator.reduce(torch.tensor(self.state.questions, device=accelerator.device), "sum"))
-        tokens = int(accelerator.reduce(torch.tensor(self.state.tokens, device=accelerator.device), "sum"))
+        counts = torch.tensor([self.state.questions, self.state.tokens], device=accelerator.device)  # int64
+        questions, tokens = (int(count) for count in accelerator.reduce(counts, "sum"))
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             adapter_dir = modeling.save_adapter(unwrapped, self.run_dir / "adapter", state_dict=state_dict)
