@@ -33,7 +33,7 @@ DEMO_THREADS := 1
 # The seed of the tiny model and of the LoRA run (the data's seed stays 0: every seed answers the
 # same questions). `make demo-spread` runs the demo for each of DEMO_SPREAD_SEEDS.
 DEMO_SEED ?= 0
-DEMO_SPREAD_SEEDS ?= 0 1 2
+DEMO_SPREAD_SEEDS ?= 0 1 2 3 4
 DEMO_MODEL ?= models/tiny-llava$(if $(filter-out 0,$(DEMO_SEED)),-seed$(DEMO_SEED))
 DEMO_RUNS ?= runs
 DEMO_PINNED := runtime.torch_threads=$(DEMO_THREADS) model.name_or_path=$(DEMO_MODEL) output.dir=$(DEMO_RUNS)

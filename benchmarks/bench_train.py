@@ -33,7 +33,8 @@ one torch thread (see bench_common.py). Only the loop and the collation differ:
   decoded once up front and held in memory (cheaper for the baseline than reading a dataset).
 - **gqaru**: `gqaru.train.TrainingRun` as `python -m gqaru.train` runs it: all questions of an
   image in one sequence (`data.questions_per_sequence` 32, `train.max_seq_len` 768 text tokens),
-  answer-only labels, LM head only at the answer positions, streaming from the webdataset shards
+  answer-only labels (each answer, its `<end_of_turn>`, and after the last one `\n<eos>`, the stop
+  lmms-eval's generation uses), LM head only at the labelled positions, streaming from the webdataset shards
   with 0 loader workers; one sequence per optimizer step at the synthetic shape, 4 grouped by
   length (`data.length_grouping_batches` 16) at GQA-ru train's, where a sequence holds ~1.5 questions.
 
@@ -474,7 +475,7 @@ def planned_shape(paths: dict[str, str], settings: dict[str, Any]) -> dict[str, 
         per_image.append(len(meta["qa"]))
         alone += [planner.text_length(planner.tokenize([question])) for question in meta["qa"]]
         for _, tokens in planner.plan(meta["qa"]):
-            labels = sum(end - start for start, end in tokens.answer_spans)
+            labels = sum(end - start for start, end in tokens.label_spans)
             sequences.append((planner.text_length(tokens), labels))
     counts = Counter(per_image)
     return {

@@ -174,7 +174,8 @@ def text_items(images: list, collator: TrainingCollator, questions_per_sequence:
             shift = len(description) - 1
             ids = tokens.input_ids[:slot] + description + tokens.input_ids[slot + 1 :]
             spans = [(start + shift, end + shift) for start, end in tokens.answer_spans]
-            input_ids, labels = collator.expand(TokenizedConversation(ids, spans))
+            stop = tokens.stop_span and (tokens.stop_span[0] + shift, tokens.stop_span[1] + shift)
+            input_ids, labels = collator.expand(TokenizedConversation(ids, spans, stop))
             question_ids = tuple(question["id"] for question in questions)
             encoded = EncodedSequence(input_ids, labels, NO_IMAGE, question_ids, 0)
             items.append(Item(encoded, tuple(_types(question) for question in questions)))

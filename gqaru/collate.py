@@ -10,7 +10,8 @@ Image tokens are added on top of the text budget and are never cut: `max_seq_len
 the text. A group that would exceed it is split into more sequences for the same image, and a
 question that alone exceeds it is dropped and counted under `question_too_long`.
 
-Labels are -100 everywhere except each answer's tokens and the `<end_of_turn>` that closes it.
+Labels are -100 everywhere except each answer's tokens, the `<end_of_turn>` that closes it, and the
+stop that ends the conversation (`\n<eos>` for Gemma: see `gqaru.prompts`).
 Right padding for training; left padding for generation.
 """
 
@@ -272,7 +273,7 @@ class TrainingCollator:
         input_ids: list[int] = []
         labels: list[int] = []
         label_mask = [False] * len(tokens.input_ids)
-        for start, end in tokens.answer_spans:
+        for start, end in tokens.label_spans:
             label_mask[start:end] = [True] * (end - start)
         for token, labelled in zip(tokens.input_ids, label_mask):
             if token == self.image_token_id:

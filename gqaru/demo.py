@@ -70,12 +70,14 @@ def run_figures(runs: str | Path) -> dict[str, Any]:
         }
     for against in ("blind", "untrained"):
         figures[f"trained_minus_{against}"] = _difference(records[against], records["trained"], against)
-    # Secondary (not lmms-eval): the trained answers cut at the first end-of-turn token. Its gap to
-    # the headline is the share of answers that ran on past the turn because no <eos> came.
+    # Secondary (not lmms-eval): the trained answers cut at the first end-of-turn token. Where they
+    # differ from the headline's the answer ran on past the turn: <eos> came late or not at all.
     if all(END_OF_TURN_FIELD in record for record in records["trained"]):
         cut = [{**record, "prediction": record[END_OF_TURN_FIELD]} for record in records["trained"]]
         figures["trained_cut_at_end_of_turn"] = _difference(records["blind"], cut, "blind")
         figures["trained_cut_at_end_of_turn"]["accuracy"] = _percent_points(compute_metrics(cut)["headline"]["accuracy"])
+        ran_on = sum(record["prediction"] != record[END_OF_TURN_FIELD] for record in records["trained"])
+        figures["trained_cut_at_end_of_turn"]["ran_on"] = _percent_points(ran_on / len(records["trained"]))
     config_path = runs / TRAINING_RUN / "config.yaml"
     if not config_path.is_file():
         raise DemoError(f"{config_path} is missing: the training run of this demo did not finish")
@@ -134,6 +136,8 @@ def spread(runs_dirs: Sequence[str | Path]) -> dict[str, Any]:
         cut = [figures["trained_cut_at_end_of_turn"] for figures in per_seed]
         summary["trained_cut_at_end_of_turn"] = _summary([figures["accuracy"] for figures in cut])
         summary["trained_cut_at_end_of_turn_minus_blind"] = _summary([figures["points"] for figures in cut])
+        if all("ran_on" in figures for figures in cut):
+            summary["trained_ran_on"] = _summary([figures["ran_on"] for figures in cut])
     return {
         "questions": questions.pop(),
         "seeds": per_seed,
@@ -164,7 +168,11 @@ def _seed_text(figures: Mapping[str, Any]) -> str:
 
 def _cut_text(figures: Mapping[str, Any]) -> str:
     cut = figures.get("trained_cut_at_end_of_turn")
-    return "-" if cut is None else f"{cut['accuracy']:.2f}% ({cut['points']:+.2f} over blind)"
+    return "- | -" if cut is None else f"{cut['accuracy']:.2f}% ({cut['points']:+.2f} over blind) | {_ran_on_text(cut)}"
+
+
+def _ran_on_text(cut: Mapping[str, Any]) -> str:
+    return "-" if cut.get("ran_on") is None else f"{cut['ran_on']:.2f}%"
 
 
 def _interval(bounds: Sequence[float], sign: bool = False) -> str:
@@ -175,8 +183,9 @@ def _interval(bounds: Sequence[float], sign: bool = False) -> str:
 def spread_markdown(record: Mapping[str, Any]) -> str:
     """The README's table of a spread record: one row per seed, then the claim it supports."""
     lines = [
-        "| seed | trained | untrained | blind | trained − blind, points (95% CI) | trained, cut at the end of turn (not lmms-eval) | base's held-out grounding |",
-        "|---:|---:|---:|---:|---|---:|---:|",
+        "| seed | trained | untrained | blind | trained − blind, points (95% CI) | trained, cut at the end of turn (not lmms-eval) "
+        "| trained answers that ran on past the end of turn | base's held-out grounding |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for figures in record["seeds"]:
         difference = figures["trained_minus_blind"]
@@ -197,14 +206,23 @@ def spread_markdown(record: Mapping[str, Any]) -> str:
         f"{trained['min']:.2f}–{trained['max']:.2f}% (mean {trained['mean']:.2f}%), the untrained base "
         f"{summary['untrained']['min']:.2f}–{summary['untrained']['max']:.2f}%, the blind baseline "
         f"{summary['blind']['min']:.2f}–{summary['blind']['max']:.2f}%."
-        + (
-            f" Cut at the end of turn (secondary, not lmms-eval), the trained model beats the blind baseline by "
-            f"{cut['min']:+.2f} to {cut['max']:+.2f} points."
-            if (cut := summary.get("trained_cut_at_end_of_turn_minus_blind"))
-            else ""
-        ),
+        + _cut_summary(summary),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cut_summary(summary: Mapping[str, Any]) -> str:
+    """The sentence on the secondary figure: whether any answer ran on past the end of turn."""
+    cut, ran_on = summary.get("trained_cut_at_end_of_turn_minus_blind"), summary.get("trained_ran_on")
+    if cut is None:
+        return ""
+    if ran_on is not None and ran_on["max"] == 0:
+        return " No trained answer of any seed ran on past the end of turn: cut there, the figures are the same."
+    said = (
+        f" Cut at the end of turn (secondary, not lmms-eval), the trained model beats the blind baseline by "
+        f"{cut['min']:+.2f} to {cut['max']:+.2f} points"
+    )
+    return said + (f"; {ran_on['min']:.2f}–{ran_on['max']:.2f}% of its answers ran on past it." if ran_on else ".")
 
 
 def verdict(figures: Mapping[str, Any], record: Mapping[str, Any] | None) -> str:
@@ -229,7 +247,7 @@ def verdict(figures: Mapping[str, Any], record: Mapping[str, Any] | None) -> str
         lines.insert(
             2,
             f"  trained, cut at the end of turn {cut['accuracy']:6.2f}%  (secondary, not lmms-eval: "
-            f"{cut['points']:+.2f} points over blind)",
+            f"{cut['points']:+.2f} points over blind; {_ran_on_text(cut)} of the answers ran on past the end of turn)",
         )
     if record is None:
         lines.append(f"  no spread on record ({SPREAD_FILE.name}): `make demo-spread` measures the range")

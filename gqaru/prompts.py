@@ -22,6 +22,14 @@ every other conversation the ids are the whole-string ids.
 Answer labels are the tokens that overlap the answer's characters, plus the end-of-turn token right
 after them. The same function serves training and generation, so both see identical prompt tokens.
 
+**A training conversation ends the way generation stops.** lmms-eval stops generating only at the
+tokenizer's eos, which Gemma's template never writes (a model turn ends `<end_of_turn>\n`). So after
+the last answer the template's own closing text (`\n`) and the eos are appended to the rendered
+conversation and labelled: what the model is trained to say after an answer is exactly what ends
+an evaluated answer. Without them nothing after `<end_of_turn>` is ever trained, and a LoRA run can
+drift into running on past it until `max_new_tokens`. Where the end of turn is the eos (Vicuna's
+`</s>`, saiga's `<|eot_id|>`) nothing is added.
+
 **The end of a model turn is read off the template**, not assumed: a user/assistant/user conversation
 is rendered with placeholders, and the template's text right after the answer must start with a
 special token (`<end_of_turn>` for Gemma, `<|eot_id|>` for Llama-3, `</s>` for a Vicuna template that
@@ -77,11 +85,19 @@ class TokenizedConversation:
     """Token ids of a conversation with the `<image>` slot still a single token.
 
     `answer_spans[i]` is the (start, end) range of answer i's tokens **plus** the end-of-turn
-    token that closes it: exactly the positions that carry labels in training.
+    token that closes it. `stop_span` is the range after the last answer that ends a training
+    conversation (the template's closing text and the eos), None when the end of turn already is
+    the eos or the conversation ends in a generation prompt. Together they are exactly the
+    positions that carry labels in training (`label_spans`).
     """
 
     input_ids: list[int]
     answer_spans: list[tuple[int, int]]
+    stop_span: tuple[int, int] | None = None
+
+    @property
+    def label_spans(self) -> list[tuple[int, int]]:
+        return self.answer_spans + ([self.stop_span] if self.stop_span else [])
 
 
 class ChatFormatError(ValueError):
@@ -96,6 +112,8 @@ class TokenizerHabits:
     """Ids the tokenizer puts in front of every text with default special-token handling (`<bos>`)."""
     end_of_turn_id: int
     """The special token the template writes right after an answer (it is labelled with the answer)."""
+    eos_id: int
+    """The token generation stops at under lmms-eval's rule (the tokenizer's eos)."""
     protected_ids: frozenset[int]
     """Ids of special and added tokens (matched as whole strings): dataset text must never yield them."""
 
@@ -185,9 +203,14 @@ def tokenizer_habits(tokenizer: PreTrainedTokenizerBase) -> TokenizerHabits:
             f"the tokenizer of {_model_name(tokenizer)} appends {tokenizer.convert_ids_to_tokens(suffix)} to every "
             "text (add_eos_token?): a generation prompt would end in it; load the tokenizer with add_eos_token=False"
         )
+    if tokenizer.eos_token_id is None:
+        raise ChatFormatError(
+            f"the tokenizer of {_model_name(tokenizer)} has no eos token: generation (lmms-eval's rule) stops only at it"
+        )
     habits = TokenizerHabits(
         prefix_ids=tuple(wrapped[:start]),
         end_of_turn_id=end_of_turn_id(tokenizer, protected),
+        eos_id=tokenizer.eos_token_id,
         protected_ids=protected,
     )
     _HABITS[tokenizer] = habits
@@ -258,7 +281,8 @@ def tokenize_conversation(
 ) -> TokenizedConversation:
     """Tokenize a conversation about one image, as the processor would tokenize its rendered text.
 
-    Training: every turn has an answer, `add_generation_prompt=False`.
+    Training: every turn has an answer, `add_generation_prompt=False`; the conversation ends with
+    the stop generation uses (`stop_span`).
     Generation: the last turn has no answer and `add_generation_prompt=True`.
 
     Raises:
@@ -287,7 +311,20 @@ def tokenize_conversation(
                 f"the chat template did not close a model turn with {tokenizer.convert_ids_to_tokens(habits.end_of_turn_id)}"
             )
         closed.append((start, end + 1))  # the label span runs through the end-of-turn token
-    return TokenizedConversation(input_ids=ids, answer_spans=closed)
+    stop_span = None
+    if turns[-1].answer is not None and not add_generation_prompt and habits.end_of_turn_id != habits.eos_id:
+        ids, stop_span = _with_stop(ids, closed[-1][1], habits.eos_id)
+    return TokenizedConversation(input_ids=ids, answer_spans=closed, stop_span=stop_span)
+
+
+def _with_stop(ids: list[int], after_answer: int, eos_id: int) -> tuple[list[int], tuple[int, int]]:
+    """`ids` ending in the eos generation stops at, and the span from the last answer's end of turn
+    through it: the template's closing text (already in `ids`) and the eos (appended unless the
+    template wrote one)."""
+    tail = ids[after_answer:]
+    if eos_id in tail:
+        return ids, (after_answer, after_answer + tail.index(eos_id) + 1)
+    return ids + [eos_id], (after_answer, len(ids) + 1)
 
 
 def _overlaps(token: tuple[int, int], span: tuple[int, int]) -> bool:

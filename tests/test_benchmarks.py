@@ -1,8 +1,7 @@
 """The benchmarks stay runnable and compare like with like (no timings are asserted here).
 
-- the seed-style baseline trains on exactly the tokens gqaru trains on (only its labels reach one
-  token further, the newline the chat template puts after `<end_of_turn>`), so P1 compares loops,
-  not data;
+- the seed-style baseline trains on exactly the tokens gqaru trains on (gqaru's sequence ends in one
+  more token, the `<eos>` generation stops at), so P1 compares loops, not data;
 - gpu.py's FLOPs formula counts the weights the model really has, and it refuses to run off CUDA
   with a message instead of a traceback;
 - the runner's table says NOT MET plainly;
@@ -51,13 +50,15 @@ def test_seed_style_collator_trains_the_same_tokens_as_gqaru(tiny_model_dir: Pat
         [{"image": image, "question": question["question"], "answer": question["answer"]}]
     )
 
-    assert torch.equal(seed_style["input_ids"], ours["input_ids"])
+    eos = processor.tokenizer.eos_token_id
+    assert ours["input_ids"][0].tolist() == seed_style["input_ids"][0].tolist() + [eos]
     assert torch.allclose(seed_style["pixel_values"], ours["pixel_values"])
     ours_labelled = (ours["labels"][0] != -100).nonzero().flatten().tolist()
     seed_labelled = (seed_style["labels"][0] != -100).nonzero().flatten().tolist()
-    last = ours["input_ids"].shape[1] - 1
-    assert processor.tokenizer.decode(ours["input_ids"][0, last]) == "\n"
-    assert seed_labelled == ours_labelled + [last]  # the answer, <end_of_turn>, and the template's newline
+    last = seed_style["input_ids"].shape[1] - 1
+    assert processor.tokenizer.decode(seed_style["input_ids"][0, last]) == "\n"
+    # Both: the answer, <end_of_turn> and the template's newline; gqaru also the <eos> after them.
+    assert ours_labelled == seed_labelled + [last + 1]
     assert torch.equal(seed_style["labels"][0, seed_labelled], seed_style["input_ids"][0, seed_labelled])
 
 
@@ -240,7 +241,7 @@ def test_learning_probe_copy_format_answers_with_the_questions_content_words(tin
     assert len(items) == len(kept)
     for item, row in zip(items[:20], kept):
         labelled = collator.tokenizer.decode([token for token in item.encoded.labels if token != IGNORE_INDEX])
-        assert labelled == " ".join(probe.content_words(row["question"])) + "<end_of_turn>"
+        assert labelled == " ".join(probe.content_words(row["question"])) + "<end_of_turn>\n<eos>"
         assert item.encoded.image_tokens == collator.image_tokens and item.encoded.pixel_values.numel()
         assert row["question"] in collator.tokenizer.decode(item.encoded.input_ids)
 
@@ -266,7 +267,7 @@ def test_learning_probe_text_and_caption_formats_train_exactly_their_answers(tin
     assert collator.image_token_id not in first.encoded.input_ids and first.encoded.image_tokens == 0
     assert probe.scene_text(first_image.scene) in tokenizer.decode(first.encoded.input_ids)
     answers = [row["answer"] for row in first_image.rows[: len(first.types)]]
-    assert labelled(first) == "".join(f"{answer}<end_of_turn>" for answer in answers)
+    assert labelled(first) == "".join(f"{answer}<end_of_turn>" for answer in answers) + "\n<eos>"
     batch = probe.pad(text[:3], collator)
     assert "pixel_values" not in batch and batch["input_ids"].shape == batch["labels"].shape
 

@@ -74,15 +74,19 @@ def test_prompt_matches_the_chat_template(processor) -> None:
 
 
 @pytest.mark.parametrize("questions_per_sequence", [1, 4])
-def test_labels_are_exactly_answers_and_end_of_turn(processor, questions_per_sequence: int) -> None:
+def test_labels_are_exactly_answers_end_of_turn_and_the_stop(processor, questions_per_sequence: int) -> None:
+    """Each answer with its `<end_of_turn>`; the last one of a sequence also with the template's closing
+    newline and the `<eos>` generation stops at."""
     tokenizer = processor.tokenizer
     questions = _questions(7)
     groups, batch = _batch(processor, questions_per_sequence, 512, questions)
     assert [len(group) for group, _ in groups] == {1: [1] * 7, 4: [4, 3]}[questions_per_sequence]
-    decoded = []
-    for row in range(batch["labels"].shape[0]):
+    decoded, expected = [], []
+    for row, (group, _) in enumerate(groups):
         decoded += [tokenizer.decode(segment) for segment in _label_segments(batch["labels"][row])]
-    assert decoded == [f"{question['answer']}<end_of_turn>" for question in questions]
+        expected += [f"{question['answer']}<end_of_turn>" for question in group]
+        expected[-1] += "\n<eos>"
+    assert decoded == expected
     # Labelled positions carry the input token itself (the model shifts internally).
     labelled = batch["labels"] != IGNORE_INDEX
     assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
@@ -187,8 +191,10 @@ def test_generation_batch_is_left_padded(processor) -> None:
         assert text.endswith(f"{item['question']}\n{INSTRUCTION}<end_of_turn>\n<start_of_turn>model\n")
 
 
-def test_overfitting_a_few_batches_drives_the_loss_down(tiny_model_dir: Path, processor) -> None:
-    """Collator + answer-only loss + LoRA: two fixed batches are memorised within 60 steps."""
+def test_overfitting_a_few_batches_drives_the_loss_down_and_answers_stop_at_eos(tiny_model_dir: Path, processor) -> None:
+    """Collator + answer-only loss + LoRA: two fixed batches are memorised within 60 steps, and the
+    memorised answers stop where lmms-eval's generation stops (`<eos>`), through the closing newline
+    the template writes after `<end_of_turn>`."""
     from gqaru.config import LoraConfig
     from gqaru.modeling import answer_only_loss, apply_lora
 
@@ -206,6 +212,17 @@ def test_overfitting_a_few_batches_drives_the_loss_down(tiny_model_dir: Path, pr
         optimizer.zero_grad()
         losses.append((loss_sum / tokens).item())
     assert losses[-1] < 0.1 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    model.eval()
+    tokenizer = processor.tokenizer
+    firsts = [_questions(6, prefix=f"b{index}")[0] for index in range(2)]  # each batch's first turn: a plain prompt
+    prompts = GenerationCollator(processor)([{"image": _image(), "question": question["question"]} for question in firsts])
+    with torch.no_grad():
+        generated = model.generate(
+            **prompts, max_new_tokens=16, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
+        )
+    replies = tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :])
+    assert replies == [f"{question['answer']}<end_of_turn>\n<eos>" for question in firsts]
 
 
 @pytest.mark.parametrize("questions_per_sequence", [1, 3, 8])

@@ -114,8 +114,12 @@ def test_demo_spread_and_verdict_state_the_range_over_seeds(tmp_path: Path) -> N
     table = spread_markdown(record)
     assert "| 1 | 55.00% | 0.00% | 40.00% | +15.00 [" in table
     assert "margin over the blind baseline is **+15.00 to +35.00 points** (mean +25.00)" in table
-    assert "| 60.00% (+20.00 over blind) |" in table  # seed 1 cut at the end of turn: 110 + 10 right of 200
-    assert "Cut at the end of turn (secondary, not lmms-eval), the trained model beats the blind baseline by +20.00 to +40.00" in table
+    # Seed 1 cut at the end of turn: 110 + 10 right of 200; those 10 of 200 answers ran on past it.
+    assert "| 60.00% (+20.00 over blind) | 5.00% |" in table
+    assert (
+        "Cut at the end of turn (secondary, not lmms-eval), the trained model beats the blind baseline by +20.00 to "
+        "+40.00 points; 5.00–5.00% of its answers ran on past it." in table
+    )
     readme = "intro\n<!-- demo_spread.md -->\nold table\n<!-- /demo_spread.md -->\nrest\n"
     assert replace_marked_block(readme, "demo_spread.md", table) == (
         f"intro\n<!-- demo_spread.md -->\n{table}<!-- /demo_spread.md -->\nrest\n"
@@ -123,7 +127,7 @@ def test_demo_spread_and_verdict_state_the_range_over_seeds(tmp_path: Path) -> N
 
     said = verdict(record["seeds"][1], record)
     assert "LoRA beats the blind baseline by +15.00 points" in said
-    assert "cut at the end of turn  60.00%  (secondary, not lmms-eval: +20.00 points over blind)" in said
+    assert "cut at the end of turn  60.00%  (secondary, not lmms-eval: +20.00 points over blind; 5.00% of the answers ran on" in said
     assert said.endswith("+15.00 to +35.00 points over blind -> inside")
     weak = tmp_path / "weak"
     _write_demo_runs(weak, tmp_path / "model-weak", {"trained": 70, "untrained": 0, "blind": 80})
@@ -132,6 +136,11 @@ def test_demo_spread_and_verdict_state_the_range_over_seeds(tmp_path: Path) -> N
     said = verdict(run_figures(weak), record)
     assert "LoRA does NOT beat the blind baseline: -5.00 points" in said
     assert "OUTSIDE" in said.splitlines()[-1]
+
+    for figures in record["seeds"]:  # answers that stop at the end of turn: the two readings agree
+        figures["trained_cut_at_end_of_turn"]["ran_on"] = 0.0
+    record["summary"]["trained_ran_on"] = {"mean": 0.0, "min": 0.0, "max": 0.0}
+    assert "No trained answer of any seed ran on past the end of turn" in spread_markdown(record)
 
 
 def test_demo_verdict_names_a_missing_run(tmp_path: Path, capsys) -> None:

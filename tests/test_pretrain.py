@@ -75,9 +75,10 @@ def test_reading_answers_with_the_questions_content_words_in_the_chat_format(tin
     assert content_words("Какая фигура находится слева от красного круга?") == ["слева", "красного", "круга"]
     encoded = encode_reading("Есть ли на картинке синяя звезда?", torch.zeros(3, 64, 64), collator)
     ids, labels = encoded.sequence.input_ids, encoded.sequence.labels
-    assert tokenizer.decode([token for token in labels if token != IGNORE_INDEX]) == "синяя звезда<end_of_turn>"
-    ((_, start, end),) = encoded.spans
-    assert labels[start:end] == ids[start:end] and set(labels[:start] + labels[end:]) == {IGNORE_INDEX}
+    assert tokenizer.decode([token for token in labels if token != IGNORE_INDEX]) == "синяя звезда<end_of_turn>\n<eos>"
+    ((_, start, end),) = encoded.spans  # the scored words: the answer and its end of turn, not the stop
+    assert tokenizer.decode(ids[start:end]) == "синяя звезда<end_of_turn>" and labels[start:end] == ids[start:end]
+    assert set(labels[:start]) == {IGNORE_INDEX} and tokenizer.decode(labels[end:]) == "\n<eos>"
     assert ids.count(collator.image_token_id) == collator.image_tokens
     assert "<start_of_turn>user" in tokenizer.decode(ids) and "Ответь одним словом." in tokenizer.decode(ids)
     assert encode_reading("Какого цвета фон?", torch.zeros(3, 64, 64), collator) is None

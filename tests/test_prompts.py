@@ -80,6 +80,9 @@ MODEL_DIRS = {"replica": "replica_dir", "tiny": "tiny_model_dir", "llama3": "sai
 """The processor fixtures (below) and the model dirs they load: Gemma (deepvk's replica and the tiny
 model), Llama-3 (saiga's replica) and Vicuna (llava-1.5's replica: no template, lmms-eval's)."""
 END_OF_TURN = {"replica": "<end_of_turn>", "tiny": "<end_of_turn>", "llama3": "<|eot_id|>", "vicuna": "</s>"}
+STOP = {"replica": "\n<eos>", "tiny": "\n<eos>", "llama3": None, "vicuna": None}
+"""What ends a training conversation after its last end of turn: Gemma's template closes a turn with
+`<end_of_turn>\n` and lmms-eval stops at `<eos>`; Llama-3's and Vicuna's end of turn is the eos."""
 
 
 @pytest.mark.parametrize("model", list(MODEL_DIRS))
@@ -111,8 +114,10 @@ def test_generation_prompts_equal_the_processors_for_every_question(request, mod
 
 @pytest.mark.parametrize("model", list(MODEL_DIRS))
 def test_training_conversations_equal_the_whole_string_tokenization(request, model: str, synth_questions) -> None:
-    """Single- and multi-turn conversations: ids == tokenizer(rendered text) with default special tokens;
-    labels are exactly each answer and the end-of-turn token of its family."""
+    """Single- and multi-turn conversations: ids == tokenizer(rendered text) with default special tokens,
+then the eos where the family's end of turn is not the eos; labels are exactly each answer and the
+end-of-turn token of its family, and after the last one the stop evaluation uses."""
+    eos = [] if STOP[model] is None else [request.getfixturevalue(model).tokenizer.eos_token_id]
     tokenizer = request.getfixturevalue(model).tokenizer
     by_image = defaultdict(list)
     for row in synth_questions:
@@ -123,9 +128,11 @@ def test_training_conversations_equal_the_whole_string_tokenization(request, mod
     for rows in conversations:
         turns = [(row["question"], row["answer"]) for row in rows]
         tokens = tokenize_conversation(tokenizer, [Turn(question, answer) for question, answer in turns])
-        assert tokens.input_ids == _whole_string_ids(tokenizer, _conversation_text(tokenizer, turns))
+        assert tokens.input_ids == _whole_string_ids(tokenizer, _conversation_text(tokenizer, turns)) + eos
         labelled = [tokenizer.decode(tokens.input_ids[start:end]) for start, end in tokens.answer_spans]
         assert labelled == [f"{answer}{END_OF_TURN[model]}" for _, answer in turns]
+        stop = tokens.stop_span and tokenizer.decode(tokens.input_ids[slice(*tokens.stop_span)])
+        assert stop == STOP[model] and (stop is None or tokens.stop_span[1] == len(tokens.input_ids))
     assert len(conversations) > len(synth_questions) + 200
 
 
@@ -202,6 +209,22 @@ def test_a_model_without_a_template_gets_lmms_eval_s_and_the_log_says_so(vicuna_
     with caplog.at_level("WARNING", logger="gqaru.modeling"):
         load_processor(vicuna_replica_dir)
     assert "no chat template: using lmms-eval's Vicuna prompt" in caplog.text
+
+
+def test_a_template_that_writes_the_eos_itself_gets_no_second_one(replica) -> None:
+    """The stop after the last answer runs through the template's own eos when it writes one; only a
+    template that writes none gets one appended."""
+    import copy
+
+    tokenizer = copy.deepcopy(replica.tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<end_of_turn>\n", "<end_of_turn>\n<eos>")
+    turns = [("Какого цвета шар?", "красного"), ("Где он?", "слева")]
+    tokens = tokenize_conversation(tokenizer, [Turn(question, answer) for question, answer in turns])
+    # The template's own text, an eos after each of its four messages, and nothing appended.
+    assert tokens.input_ids == _whole_string_ids(tokenizer, _conversation_text(tokenizer, turns))
+    assert tokens.input_ids.count(tokenizer.eos_token_id) == 4
+    assert tokenizer.decode(tokens.input_ids[slice(*tokens.stop_span)]) == "\n<eos>"
+    assert tokens.stop_span[1] == len(tokens.input_ids)
 
 
 def test_a_template_without_an_end_of_turn_token_is_a_clear_error(vicuna) -> None:

@@ -149,10 +149,12 @@ def encode_reading(question: str, pixel_values: torch.Tensor, collator: Training
     words = content_words(question)
     if not words:
         return None
-    input_ids, labels = collator.expand(tokenize_conversation(collator.tokenizer, [Turn(question, " ".join(words))]))
-    labelled = [index for index, label in enumerate(labels) if label != IGNORE_INDEX]
+    tokens = tokenize_conversation(collator.tokenizer, [Turn(question, " ".join(words))])
+    input_ids, labels = collator.expand(tokens)
+    start = next(index for index, label in enumerate(labels) if label != IGNORE_INDEX)
+    (answer_start, answer_end), = tokens.answer_spans  # the words and their end of turn, not the stop after them
     sequence = EncodedSequence(input_ids, labels, pixel_values, (question,), collator.image_tokens)
-    return Encoded(sequence, "reading", (("words", labelled[0], labelled[-1] + 1),))
+    return Encoded(sequence, "reading", (("words", start, start + answer_end - answer_start),))
 
 
 def pretraining_data(
