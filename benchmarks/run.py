@@ -261,9 +261,12 @@ def load_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return report["results"], report["run"]
 
 
-def write_readmes(results: list[dict[str, Any]], summary: dict[str, Any], readmes: tuple[Path, ...] = READMES) -> None:
-    """Write results.md's text into every README's results block."""
+def write_tables(
+    results: list[dict[str, Any]], summary: dict[str, Any], results_path: Path, readmes: tuple[Path, ...]
+) -> None:
+    """results.md beside `results_path`, and the same text in the results block of each of `readmes`."""
     block = markdown(results, summary)
+    results_path.with_suffix(".md").write_text(block, encoding="utf-8")
     for readme in readmes:
         text = readme.read_text(encoding="utf-8")
         updated = replace_marked_block(text, RESULTS_MARKER, block, str(readme))
@@ -291,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.readme_only:
         results, summary = load_results(results_path)
-        results_path.with_suffix(".md").write_text(markdown(results, summary), encoding="utf-8")
-        write_readmes(results, summary)
+        write_tables(results, summary, results_path, READMES)
         print(f"wrote {results_path.with_suffix('.md')} and the results blocks of {', '.join(map(str, READMES))}")
         return 0
 
@@ -309,10 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     report = {"results": results, "run": summary}
     results_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    results_path.with_suffix(".md").write_text(markdown(results, summary), encoding="utf-8")
     readmes_written = not args.quick and results_path.resolve() == DEFAULT_RESULTS
-    if readmes_written:
-        write_readmes(results, summary)
+    write_tables(results, summary, results_path, READMES if readmes_written else ())
 
     print()
     print(table(results))

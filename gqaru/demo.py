@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from gqaru.files import replace_marked_block
-from gqaru.metrics import END_OF_TURN_FIELD, compute_metrics, paired_comparison, read_predictions
+from gqaru.metrics import END_OF_TURN_FIELD, compute_metrics, paired_comparison, read_predictions, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SPREAD_FILE = PROJECT_ROOT / "benchmarks" / "demo_spread.json"
@@ -282,8 +282,7 @@ def spread_command(runs_dirs: Sequence[str], out: str | None = None, readme: str
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out_path = Path(out) if out else SPREAD_FILE
-    out_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out_path = write_json(out or SPREAD_FILE, record)
     table = spread_markdown(record)
     print(table, end="")
     print(f"wrote {out_path}")

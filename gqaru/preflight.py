@@ -200,7 +200,7 @@ def check(stage: str, config: Config) -> list[str]:
         ]
     else:
         raise ValueError(f"unknown stage {stage!r} (train or evaluate)")
-    checks.append(lambda c: check_output(c))
+    checks.append(check_output)
     return [problem for run in checks for problem in run(config)]
 
 

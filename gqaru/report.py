@@ -185,6 +185,13 @@ def detailed_groups(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: groups[name] for name in sorted(groups, key=lambda name: (-groups[name]["n"], name))}
 
 
+def _type_tables(metrics: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(title, groups) of every accuracy-by-type table, in report order: the sections, then the
+    detailed types most frequent first."""
+    tables = [(title, metrics.get(section) or {}) for section, title in _SECTIONS]
+    return tables + [(_DETAILED_TITLE, detailed_groups(metrics))]
+
+
 def _bars(axes: Any, groups: Mapping[str, Mapping[str, Any]], title: str, headline: float) -> None:
     """Horizontal accuracy bars with the 95% intervals as error bars, the overall accuracy dashed."""
     names = list(groups)
@@ -294,15 +301,12 @@ def _markdown(metrics: Mapping[str, Any], analysis: Mapping[str, Any], title: st
     lines += [
         "## Accuracy by question type",
     ]
-    for section, section_title in _SECTIONS:
+    for section_title, groups in _type_tables(metrics):
         lines += ["", f"### {_md(section_title)}", "", "| group | n | correct | accuracy | 95% CI |", "|---|---:|---:|---:|---:|"]
-        for name, group in metrics.get(section, {}).items():
+        for name, group in groups.items():
             lines.append(
                 f"| {_md(name)} | {group['n']} | {group['correct']} | {_percent(group['accuracy'])} | {_interval(group)} |"
             )
-    lines += ["", f"### {_md(_DETAILED_TITLE)}", "", "| group | n | correct | accuracy | 95% CI |", "|---|---:|---:|---:|---:|"]
-    for name, group in detailed_groups(metrics).items():
-        lines.append(f"| {_md(name)} | {group['n']} | {group['correct']} | {_percent(group['accuracy'])} | {_interval(group)} |")
     lines += ["", f"![accuracy by type]({CHART_NAME})", "", "## Most frequent confusions (gold → prediction)", ""]
     if analysis["confusions"]:
         lines += ["| gold | prediction | count |", "|---|---|---:|"]
@@ -398,9 +402,8 @@ def _html(
         "</section>",
         "<h2>Accuracy by question type</h2>",
     ]
-    for section, section_title in _SECTIONS:
-        parts += [f"<h3>{_h(section_title)}</h3>", _html_group_table(metrics.get(section, {}))]
-    parts += [f"<h3>{_h(_DETAILED_TITLE)}</h3>", _html_group_table(detailed_groups(metrics))]
+    for section_title, groups in _type_tables(metrics):
+        parts += [f"<h3>{_h(section_title)}</h3>", _html_group_table(groups)]
     parts.append(
         f'<p><img alt="accuracy by structural, semantic and detailed type" src="{_data_uri(chart_png, "image/png")}" '
         'style="max-width:100%"></p>'

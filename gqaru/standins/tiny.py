@@ -48,6 +48,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from gqaru.accel import pin_torch_threads
 from gqaru.files import atomic_directory
 
 # --------------------------------------------------------------------------------------------------
@@ -552,8 +553,7 @@ def build_tiny_model(
             f"{out_dir} exists and is not a tiny-model build (no {BUILD_INFO_FILE}); refusing to replace it"
         )
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    pin_torch_threads(threads)
     started = time.perf_counter()
     texts = default_tokenizer_corpus() if corpus is None else list(corpus)
     tokenizer = train_tokenizer(texts)
